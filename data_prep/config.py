@@ -1,0 +1,39 @@
+"""The data section of a recipe. ``pipeline.config`` composes it; data_prep needs nothing else."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys and wrong types are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=False)
+
+
+class SMRConfig(Strict):
+    utterances_per_sample: int = Field(28, ge=1, description="s: unrelated utterances (each followed by its copy) per SMR sample")
+    samples: int = Field(0, ge=0, description="SMR samples to build (0 = none)")
+
+
+class LMRConfig(Strict):
+    pairs_per_sample: int = Field(24, ge=1, description="l: consecutive (query, response) pairs per LMR sample")
+    samples: int = Field(0, ge=0, description="LMR samples to build (0 = none)")
+    supervise_repeated_response: bool = Field(False, description="also put loss on the repeated response (paper text); reference: query only")
+
+
+class DataConfig(Strict):
+    tokenizer: str = Field("smollm2", description="'smollm2' (bundled, no download) or a path to a Hugging Face tokenizer folder")
+    format: Literal["auto", "canonical", "personachat", "msc", "messages"] = Field("auto", description="input format")
+    eou: Literal["eos", "new"] = Field("eos", description="End-of-Utterance token: the tokenizer's EOS, or a new special token")
+    eou_token: str = Field("<|eou|>", description="the new special token's text when eou=new")
+    speaker_tags: bool = Field(False, description="prefix each utterance with its speaker ('A: ...')")
+    seq_len: int = Field(1024, ge=8, description="tokens per packed training sequence")
+    max_dialogues: int | None = Field(None, ge=1, description="use at most this many dialogues per input file (None = all)")
+    shard_rows: int = Field(512, ge=1, description="sequences per Parquet shard")
+    on_bad_record: Literal["error", "skip"] = Field("error", description="stop at the first bad record, or quarantine it in rejected.jsonl")
+    seed: int = Field(0, description="seed for memory-task sampling")
+    smr: SMRConfig = Field(default_factory=SMRConfig, description="short-memory reconstruction samples")
+    lmr: LMRConfig = Field(default_factory=LMRConfig, description="long-memory reactivation samples")

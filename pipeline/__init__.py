@@ -1,0 +1,1 @@
+"""convsink's library: config, masks, attention, model, losses, training, export, streaming cache, evaluation."""

@@ -1,0 +1,190 @@
+"""Typed recipes: YAML files validated into pydantic models, with ``key=value`` overrides.
+
+Any unknown key, wrong type or impossible value stops before any work with one line naming the file and key.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from data_prep.config import DataConfig, Strict
+
+
+class ConfigError(ValueError):
+    """A bad recipe; ``str(err)`` is one line naming the file (or the command line) and the key."""
+
+
+class MaskConfig(Strict):
+    local_window: int = Field(64, ge=1, description="window w of the 'local' baseline mask")
+    sink_tokens: int = Field(1, ge=1, description="s: attention-sink tokens of the 'streamingllm' baseline mask")
+    sink_window: int = Field(64, ge=1, description="w: recent-token window of the 'streamingllm' baseline mask")
+    bigbird_global: int = Field(1, ge=0, description="global tokens of the 'bigbird' baseline mask")
+    bigbird_window: int = Field(64, ge=1, description="window of the 'bigbird' baseline mask")
+    bigbird_random: int = Field(8, ge=0, description="random keys per query of the 'bigbird' baseline mask")
+    bigbird_seed: int = Field(0, description="seed of the bigbird random keys")
+    dialogue_kind: Literal["dialogue", "causal", "local", "streamingllm", "bigbird"] = Field(
+        "dialogue", description="mask applied to 'dialogue' rows (the baselines are for comparison runs)")
+
+
+class ModelConfig(Strict):
+    path: str | None = Field(None, description="a Hugging Face model folder to start from; None = random init from the fields below")
+    hidden_size: int = Field(64, ge=8, description="width of the random-init Llama")
+    num_layers: int = Field(2, ge=1, description="decoder layers of the random-init Llama")
+    num_heads: int = Field(4, ge=1, description="attention heads")
+    num_kv_heads: int = Field(2, ge=1, description="key/value heads (grouped-query attention)")
+    intermediate_size: int = Field(128, ge=8, description="MLP width")
+    max_position_embeddings: int = Field(8192, ge=16, description="longest position the model is built for")
+    rope_theta: float = Field(10000.0, gt=0, description="rotary base")
+    tie_word_embeddings: bool = Field(True, description="share input and output embeddings")
+    attention: Literal["auto", "dense", "sink", "flex"] = Field(
+        "auto", description="masked attention kernel: auto picks flex on CUDA, sink on CPU; dense = SDPA with a T×T mask")
+    mask: MaskConfig = Field(default_factory=MaskConfig, description="mask parameters")
+
+    @model_validator(mode="after")
+    def _heads(self):
+        if self.path is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+            if self.num_heads % self.num_kv_heads:
+                raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
+        return self
+
+
+class TrainConfig(Strict):
+    stage: Literal["dialogue", "memory"] = Field("dialogue", description="memory = SMR+LMR samples; dialogue = dialogue mask fine-tuning")
+    nproc: int = Field(2, ge=1, description="processes (ranks) on this node")
+    nnodes: int = Field(1, ge=1, description="nodes (multi-node launches set the rendezvous through the launcher's env)")
+    launcher: Literal["torchrun", "deepspeed"] = Field("torchrun", description="process launcher")
+    micro_batch_size: int = Field(1, ge=1, description="sequences per rank per micro-step")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    max_steps: int = Field(20, ge=1, description="optimizer steps")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
+    warmup_steps: int = Field(2, ge=0, description="linear warmup steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, ge=0, description="gradient norm clip (0 = off)")
+    save_every: int = Field(10, ge=1, description="checkpoint every K optimizer steps (and at the end)")
+    keep_last: int = Field(2, ge=1, description="keep the newest N checkpoints")
+    seed: int = Field(0, description="seed for init and data order")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU")
+    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage")
+    offload: bool = Field(False, description="ZeRO-3 CPU offload of parameters and optimizer state")
+    sequence_parallel_size: int = Field(1, ge=1, description="Ulysses sequence-parallel group size")
+    log_every: int = Field(1, ge=1, description="log metrics every N steps")
+    init_from: str | None = Field(None, description="start from this exported model folder (e.g. the memory stage's export)")
+
+    @model_validator(mode="after")
+    def _lr(self):
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds max_steps={self.max_steps}")
+        if self.nproc % self.sequence_parallel_size:
+            raise ValueError(f"nproc={self.nproc} is not divisible by sequence_parallel_size={self.sequence_parallel_size}")
+        return self
+
+
+class WandbConfig(Strict):
+    project: str = Field("convsink", description="W&B project")
+    entity: str | None = Field(None, description="W&B entity (team or user)")
+    name: str | None = Field(None, description="run name (default: the output folder's name)")
+    group: str | None = Field(None, description="run group")
+    tags: list[str] = Field(default_factory=list, description="run tags")
+    mode: Literal["offline", "online", "disabled"] = Field("offline", description="online needs WANDB_API_KEY in the environment")
+
+
+class ChatConfig(Strict):
+    cache: Literal["dense", "streamingllm", "streamingdialogue", "recompute"] = Field("streamingdialogue", description="KV cache policy")
+    positions: Literal["absolute", "cache"] = Field("absolute", description="streamingdialogue positions: absolute (= training mask) or cache")
+    max_new_tokens: int = Field(48, ge=1, description="longest reply")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0 = all)")
+    sink_tokens: int = Field(4, ge=1, description="streamingllm cache: first s tokens kept")
+    window: int = Field(256, ge=1, description="streamingllm / recompute cache: recent tokens kept")
+    seed: int = Field(0, description="sampling seed")
+
+
+class RunConfig(Strict):
+    inputs: list[str] = Field(default_factory=list, description="dialogue files for `convsink run` (relative to the working directory)")
+    out_dir: str = Field("runs/default", description="where `convsink run` writes data/, train/, export/")
+    chat_prompt: str = Field("Hi! How was your weekend?", description="the user turn `convsink run` answers at the end")
+    data: DataConfig = Field(default_factory=DataConfig, description="data preparation")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="model")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="training")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases")
+    chat: ChatConfig = Field(default_factory=ChatConfig, description="chat / generation")
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.model.path is None and self.data.seq_len > self.model.max_position_embeddings:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings={self.model.max_position_embeddings}")
+        if self.model.path is None and self.model.num_kv_heads % self.train.sequence_parallel_size:
+            raise ValueError(f"train.sequence_parallel_size={self.train.sequence_parallel_size} does not divide "
+                             f"model.num_kv_heads={self.model.num_kv_heads}")
+        return self
+
+
+def _format_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {key}: {msg}{extra}"
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"command line: override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _set(tree: dict, path: list[str], value, where: str) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML recipe (or the defaults), apply ``key=value`` overrides, validate."""
+    tree: dict = {}
+    where = path or "defaults"
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: config file not found")
+        with open(path) as f:
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        try:
+            RunConfig.model_validate(tree)
+        except ValidationError as e:
+            raise ConfigError(_format_error(e, path)) from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set(tree, keys, value, "command line")
+        try:
+            RunConfig.model_validate(tree)
+        except ValidationError as e:
+            raise ConfigError(_format_error(e, f"command line ({text})")) from None
+    return RunConfig.model_validate(tree)
+
+
+def dump_config(cfg: RunConfig) -> dict:
+    """The resolved config as plain data (holds no secrets: keys come only from the environment)."""
+    return cfg.model_dump(mode="json")
