@@ -1,0 +1,140 @@
+"""The ``convsink`` command line: one subcommand per stage, each a thin call into one typed function.
+
+Errors a user can fix (bad config, bad data, missing files) print one line and exit 2; nothing else is shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _overrides_help() -> str:
+    return "config overrides as key=value, e.g. train.lr=3e-4 data.seq_len=512"
+
+
+def cmd_prep(args) -> int:
+    from data_prep.prep import prepare
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if args.format:
+        overrides.append(f"data.format={args.format}")
+    cfg = load_config(args.config, overrides)
+    manifest = prepare(args.inputs, args.out, cfg.data)
+    c = manifest["counts"]
+    print(f"prep: {c['dialogues']} dialogues, {c['utterances']} utterances, {c['tokens_out']} tokens in "
+          f"{c['sequences']} sequences (packing efficiency {c['packing_efficiency']:.2%}, {c['rejected']} rejected) -> {args.out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .launch import launch_training
+
+    cfg = load_config(args.config, list(args.overrides))
+    result = launch_training(cfg, args.data, args.out, resume=args.resume)
+    print(f"train: checkpoint {result['checkpoint']}")
+    if result.get("wandb_dir"):
+        print(f"train: W&B run {result['wandb_dir']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint_dir, args.out, tag=args.tag)
+    print(f"export: Hugging Face model -> {out}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import run_chat
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if args.cache:
+        overrides.append(f"chat.cache={args.cache}")
+    cfg = load_config(args.config, overrides)
+    turns = None
+    if args.prompt_file:
+        if not os.path.isfile(args.prompt_file):
+            raise FileNotFoundError(f"{args.prompt_file}: prompt file not found")
+        with open(args.prompt_file) as f:
+            turns = [line.rstrip("\n") for line in f if line.strip()]
+    run_chat(args.model, turns, cfg.chat, show_cache=args.show_cache)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .run import run_recipe
+
+    cfg = load_config(args.config, list(args.overrides))
+    run_recipe(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convsink", description="Conversational attention sinks: prep → train → export → chat")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prep", help="dialogue files → packed Parquet shards + manifest.json")
+    s.add_argument("inputs", nargs="+", help="dialogue files (canonical/PersonaChat/MSC/messages JSON[L])")
+    s.add_argument("--out", required=True, help="output shard folder")
+    s.add_argument("--config", help="YAML recipe (its data: section is used)")
+    s.add_argument("--format", choices=["auto", "canonical", "personachat", "msc", "messages"], help="input format (default auto)")
+    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.set_defaults(fn=cmd_prep)
+
+    s = sub.add_parser("train", help="DeepSpeed ZeRO-3 training on prepared shards")
+    s.add_argument("--config", required=True, help="YAML recipe")
+    s.add_argument("--data", required=True, help="shard folder from `convsink prep`")
+    s.add_argument("--out", required=True, help="run folder (checkpoints, W&B run)")
+    s.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("export", help="ZeRO-3 checkpoint → merged Hugging Face folder (safetensors)")
+    s.add_argument("checkpoint_dir", help="the run folder of `convsink train` (or its checkpoints/ folder)")
+    s.add_argument("--out", required=True, help="output model folder")
+    s.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("chat", help="multi-turn chat with the StreamingDialogue cache")
+    s.add_argument("--model", required=True, help="exported model folder")
+    s.add_argument("--prompt-file", help="user turns, one per line (non-interactive)")
+    s.add_argument("--config", help="YAML recipe (its chat: section is used)")
+    s.add_argument("--cache", choices=["dense", "streamingllm", "streamingdialogue", "recompute"], help="KV cache policy")
+    s.add_argument("--show-cache", action="store_true", help="print the cache size after every turn")
+    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("run", help="prep → train → export → one chat reply, from one recipe")
+    s.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
+    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.set_defaults(fn=cmd_run)
+    return p
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except USER_ERRORS as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, KeyError):
+            msg = f"missing key {msg}"
+        print(f"convsink {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"convsink {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
