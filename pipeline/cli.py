@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 
@@ -14,11 +15,23 @@ def _overrides_help() -> str:
     return "config overrides as key=value, e.g. train.lr=3e-4 data.seq_len=512"
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Positional arguments that look like ``section.key=value`` are overrides; the rest are inputs."""
+    inputs = [i for i in items if not _OVERRIDE.match(i)]
+    return inputs, [i for i in items if _OVERRIDE.match(i)]
+
+
 def cmd_prep(args) -> int:
     from data_prep.prep import prepare
     from .config import load_config
 
-    overrides = list(args.overrides)
+    args.inputs, overrides = _split_overrides(args.inputs)
+    overrides += args.overrides
+    if not args.inputs:
+        raise ValueError("no input files given")
     if args.format:
         overrides.append(f"data.format={args.format}")
     cfg = load_config(args.config, overrides)
@@ -81,12 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("prep", help="dialogue files → packed Parquet shards + manifest.json")
-    s.add_argument("inputs", nargs="+", help="dialogue files (canonical/PersonaChat/MSC/messages JSON[L])")
+    s.add_argument("inputs", nargs="+", help="dialogue files (canonical/PersonaChat/MSC/messages JSON[L]), then optional "
+                   + _overrides_help())
     s.add_argument("--out", required=True, help="output shard folder")
     s.add_argument("--config", help="YAML recipe (its data: section is used)")
     s.add_argument("--format", choices=["auto", "canonical", "personachat", "msc", "messages"], help="input format (default auto)")
-    s.add_argument("overrides", nargs="*", help=_overrides_help())
-    s.set_defaults(fn=cmd_prep)
+    s.set_defaults(fn=cmd_prep, overrides=[])
 
     s = sub.add_parser("train", help="DeepSpeed ZeRO-3 training on prepared shards")
     s.add_argument("--config", required=True, help="YAML recipe")
@@ -118,19 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    for item in extra:  # overrides (and, for prep, inputs) may follow options
+        if _OVERRIDE.match(item) and hasattr(args, "overrides"):
+            args.overrides.append(item)
+        elif args.command == "prep" and not item.startswith("-"):
+            args.inputs.append(item)
+        else:
+            parser.error(f"unrecognized argument: {item}")
     try:
         return args.fn(args)
     except USER_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, KeyError):
-            msg = f"missing key {msg}"
         print(f"convsink {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .launch import TrainingFailed
+
+        if not isinstance(e, TrainingFailed):
+            raise
+        print(f"convsink {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"convsink {args.command}: interrupted", file=sys.stderr)
         return 130

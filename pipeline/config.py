@@ -75,7 +75,9 @@ class TrainConfig(Strict):
     offload: bool = Field(False, description="ZeRO-3 CPU offload of parameters and optimizer state")
     sequence_parallel_size: int = Field(1, ge=1, description="Ulysses sequence-parallel group size")
     log_every: int = Field(1, ge=1, description="log metrics every N steps")
+    stop_at_step: int | None = Field(None, ge=1, description="end this launch after this step (with a checkpoint); the schedule still follows max_steps, --resume continues")
     init_from: str | None = Field(None, description="start from this exported model folder (e.g. the memory stage's export)")
+    ds_config: str | None = Field(None, description="a DeepSpeed JSON from ds_configs/ ('auto' values are filled from this recipe); None = built from the fields above")
 
     @model_validator(mode="after")
     def _lr(self):

@@ -1,8 +1,9 @@
 """Next-token loss per task (dialogue / smr / lmr) with token-count reduction.
 
-Shard ``labels`` hold the token to predict at its own position (-100 = no loss), like transformers' ``labels``:
-the logit at t-1 predicts label t. Every dialogue starts with BOS whose label is -100, so no prediction crosses
-from one packed dialogue into the next.
+The batch carries ``targets`` aligned with the logits (``targets[t] = labels[t + 1]``, -100 = no loss; see
+``pipeline.data.targets_from_labels``). Every dialogue starts with BOS whose label is -100, so no prediction
+crosses from one packed dialogue into the next. Losses are sums; the trainer divides by the token count of the
+whole global batch (all ranks, all micro-steps), so the gradient is a true per-token mean, not a mean of means.
 """
 
 from __future__ import annotations
@@ -14,19 +15,17 @@ IGNORE = -100
 TASKS = ("dialogue", "smr", "lmr")
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token negative log-likelihood ``(B, T-1)`` (0 where ignored) and the validity mask."""
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:]  # (B, T-1)
-    valid = shift_labels != IGNORE
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                          ignore_index=IGNORE, reduction="none").view_as(shift_labels)
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood ``(B, T)`` (0 where ignored) and the validity mask ``(B, T)``."""
+    valid = targets != IGNORE  # (B, T)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                          ignore_index=IGNORE, reduction="none").view_as(targets)
     return nll * valid, valid
 
 
-def task_sums(logits: torch.Tensor, labels: torch.Tensor, kinds: list[str]) -> dict[str, tuple[torch.Tensor, int]]:
+def task_sums(logits: torch.Tensor, targets: torch.Tensor, kinds: list[str]) -> dict[str, tuple[torch.Tensor, int]]:
     """``{task: (nll sum, token count)}`` over the rows of each mask kind; the sums keep their graph."""
-    nll, valid = token_nll(logits, labels)
+    nll, valid = token_nll(logits, targets)
     out = {}
     for task in sorted(set(kinds)):
         rows = torch.tensor([k == task for k in kinds], device=nll.device)

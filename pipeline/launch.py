@@ -1,0 +1,85 @@
+"""Start the per-rank training processes (torchrun or the deepspeed launcher) for ``convsink train``.
+
+Everything a user can get wrong is checked here, before any process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from data_prep.shards import read_manifest
+
+from . import checkpoint
+from .config import RunConfig, dump_config
+
+
+class TrainingFailed(RuntimeError):
+    """A rank exited non-zero; its traceback was printed above."""
+
+
+def check_run_dir(out_dir: str, resume: bool) -> None:
+    root = checkpoint.checkpoint_root(out_dir)
+    tag = checkpoint.latest_tag(root)
+    if resume and tag is None:
+        raise ValueError(f"{out_dir}: no complete checkpoint to resume from (no {root}/latest naming a finished save)")
+    if not resume and tag is not None:
+        raise FileExistsError(f"{out_dir}: already holds checkpoint {tag}; pass --resume to continue it or choose a new --out")
+
+
+def prepare_run_dir(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool) -> str:
+    """Check everything a user can get wrong, then write OUT/config.json (resolved recipe, no secrets),
+    OUT/data.json (tokenizer ids, fingerprint) and OUT/tokenizer/. Returns the config path."""
+    manifest = read_manifest(data_dir)
+    if manifest["seq_len"] > cfg.model.max_position_embeddings and cfg.model.path is None:
+        raise ValueError(f"{data_dir}: shards have seq_len {manifest['seq_len']} > model.max_position_embeddings")
+    check_run_dir(out_dir, resume)
+    if cfg.train.init_from and not os.path.isfile(os.path.join(cfg.train.init_from, "config.json")):
+        raise FileNotFoundError(f"{cfg.train.init_from}: train.init_from is not a model folder (no config.json)")
+    if not os.path.isdir(os.path.join(data_dir, "tokenizer")):
+        raise FileNotFoundError(f"{data_dir}: no tokenizer/ folder (re-run `convsink prep`)")
+    os.makedirs(out_dir, exist_ok=True)
+    cfg_path = os.path.join(out_dir, "config.json")
+    with open(cfg_path, "w") as f:
+        json.dump(dump_config(cfg), f, indent=2)
+    with open(os.path.join(out_dir, "data.json"), "w") as f:
+        json.dump({"data_dir": os.path.abspath(data_dir), "fingerprint": manifest.get("fingerprint"),
+                   "seq_len": manifest["seq_len"], "tokenizer": manifest["tokenizer"]}, f, indent=2)
+    shutil.rmtree(os.path.join(out_dir, "tokenizer"), ignore_errors=True)
+    shutil.copytree(os.path.join(data_dir, "tokenizer"), os.path.join(out_dir, "tokenizer"))
+    return cfg_path
+
+
+def launch_training(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False) -> dict:
+    """Validate, prepare OUT, run the launcher, and return OUT/result.json."""
+    cfg_path = prepare_run_dir(cfg, data_dir, out_dir, resume)
+    result_path = os.path.join(out_dir, "result.json")
+    if os.path.exists(result_path):
+        os.remove(result_path)
+    rank_args = ["--config-json", cfg_path, "--data", data_dir, "--out", out_dir] + (["--resume"] if resume else [])
+    n = cfg.train.nproc
+    if cfg.train.launcher == "deepspeed":
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", str(_free_port()),
+               "--module", "pipeline.train"] + rank_args
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+               "-m", "pipeline.train"] + rank_args
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0 or not os.path.isfile(result_path):
+        raise TrainingFailed(f"training failed (launcher exit code {rc}); the rank logs above say why")
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,73 @@
+"""Read DeepSpeed ZeRO-3 checkpoints without unpickling arbitrary objects.
+
+DeepSpeed's own readers call ``torch.load(..., weights_only=False)``. Here every file is opened with
+``weights_only=True`` and an explicit allowlist of the few DeepSpeed types a checkpoint holds.
+
+ZeRO-3 layout: rank r's optimizer file holds one flat fp32 tensor per parameter group; each parameter of that
+group (in ``param_shapes`` order) owns ``ceil(numel / world)`` consecutive elements of every rank's flat tensor
+(the last rank's slice zero-padded). A parameter is the concatenation over ranks of its slices, trimmed to numel.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+
+import torch
+
+
+def _safe_globals() -> list:
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    allowed = [ZeroStageEnum]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+        allowed.append(LossScaler)
+    except ImportError:
+        pass
+    return allowed
+
+
+def safe_load(path: str) -> dict:
+    """``torch.load`` with ``weights_only=True`` plus DeepSpeed's enum types allowlisted."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _rank_of(path: str) -> int:
+    return int(re.search(r"zero_pp_rank_(\d+)_", os.path.basename(path)).group(1))
+
+
+def consolidate_zero3(tag_dir: str) -> dict[str, torch.Tensor]:
+    """fp32 ``state_dict`` (tied weights included under every name) from a ZeRO-3 checkpoint folder."""
+    optim_files = sorted(glob.glob(os.path.join(tag_dir, "*_optim_states.pt")), key=_rank_of)
+    model_files = sorted(glob.glob(os.path.join(tag_dir, "*_model_states.pt")), key=_rank_of)
+    if not optim_files or not model_files:
+        raise FileNotFoundError(f"{tag_dir}: no ZeRO checkpoint files (*_optim_states.pt / *_model_states.pt)")
+    meta = safe_load(model_files[0])
+    stage = int(meta["ds_config"]["zero_optimization"]["stage"]) if isinstance(meta.get("ds_config"), dict) else 3
+    if stage != 3:
+        raise ValueError(f"{tag_dir}: ZeRO stage {stage} checkpoint; only stage 3 is supported by export")
+    world = len(optim_files)
+    flats = [safe_load(f)["optimizer_state_dict"]["fp32_flat_groups"] for f in optim_files]  # [rank][group]
+    state: dict[str, torch.Tensor] = {}
+    for g, shapes in enumerate(meta["param_shapes"]):
+        offset = 0
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            part = math.ceil(numel / world)
+            pieces = [flats[r][g].narrow(0, offset, part) for r in range(world)]
+            state[name] = torch.cat(pieces)[:numel].view(shape).clone()
+            offset += part
+    for name, frag in (meta.get("frozen_param_fragments") or {}).items():
+        state.setdefault(name, frag)
+    for alias, target in (meta.get("shared_params") or {}).items():
+        state[alias] = state[target]
+    buffers = meta.get("module") or {}
+    for name in meta.get("buffer_names") or []:
+        if name in buffers:
+            state[name] = buffers[name]
+    return state
