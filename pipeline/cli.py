@@ -134,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
+def _close_progress_bars() -> None:
+    """End any live progress bar so the error starts on its own line."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+    except Exception:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -148,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except USER_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _close_progress_bars()
         print(f"convsink {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except RuntimeError as e:

@@ -1,0 +1,87 @@
+"""The command line's contract for bad input: one clear line, a non-zero exit, and nothing that looks complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def convsink(*args, cwd=REPO):
+    env = dict(os.environ, WANDB_MODE="offline")
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(proc) -> str:
+    """Exactly one line says what is wrong, on a line of its own, and no traceback is shown."""
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if "error" in l.lower()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("convsink ") and ": error: " in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+GOOD = {"id": "a", "turns": [{"speaker": "A", "text": "hello there"}, {"speaker": "B", "text": "hi, how are you?"}]}
+
+
+@pytest.mark.parametrize("bad, expect", [
+    ('{"id": "b", "turns": [', "malformed JSON"),
+    ({"id": "b", "turns": [{"speaker": "A", "text": "  "}]}, "empty"),
+    ({"id": "b", "turns": [{"speaker": "A", "text": 42}]}, "must be a string"),
+])
+def test_prep_bad_record_names_file_and_line(tmp_path, bad, expect):
+    src = tmp_path / "dialogues.jsonl"
+    write_jsonl(src, [GOOD, GOOD | {"id": "c"}, bad])
+    out = tmp_path / "out"
+    proc = convsink("prep", str(src), "--out", str(out), "--format", "canonical")
+    line = one_line_error(proc)
+    assert f"{src}:3:" in line and expect in line
+    assert proc.returncode == 2
+    assert not (out / "manifest.json").exists()
+
+
+def test_prep_missing_input_file(tmp_path):
+    proc = convsink("prep", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out"))
+    assert "nope.jsonl" in one_line_error(proc) and "not found" in proc.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_unknown_config_key_names_key_and_file(tmp_path):
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text("train:\n  max_stepz: 3\n")
+    proc = convsink("train", "--config", str(cfg), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"))
+    line = one_line_error(proc)
+    assert str(cfg) in line and "train.max_stepz" in line and "unknown key" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_override_type(tmp_path):
+    proc = convsink("run", "configs/quickstart.yaml", "train.max_steps=many")
+    line = one_line_error(proc)
+    assert "train.max_steps" in line and "command line" in line
+
+
+def test_resume_without_checkpoint(tmp_path, shared_data):
+    data = tmp_path / "data"
+    proc = convsink("prep", str(shared_data / "personachat" / "valid.json"), "--out", str(data), "data.max_dialogues=5",
+                    "data.seq_len=256")
+    assert proc.returncode == 0, proc.stderr
+    assert (data / "manifest.json").exists()
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = convsink("train", "--config", "configs/quickstart.yaml", "--data", str(data), "--out", str(out), "--resume")
+    line = one_line_error(proc)
+    assert "no complete checkpoint" in line
+    assert not (out / "checkpoints" / "latest").exists()
