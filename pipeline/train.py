@@ -78,8 +78,11 @@ def _init_distributed(device: torch.device) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
 
 
-def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False) -> dict:
-    """Train on this rank; returns the result with the engine (rank 0 also writes OUT/result.json)."""
+def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_checkpoint=None) -> dict:
+    """Train on this rank; returns the result with the engine (rank 0 also writes OUT/result.json).
+
+    ``on_checkpoint(tag_dir, step, metrics)`` is called on every rank after each complete save (Ray Train reports
+    the folder from every rank, so all ranks' ZeRO shards reach the run's checkpoint)."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -148,8 +151,11 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False) -> 
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update(1)
         if (step + 1) % t.save_every == 0 or step + 1 == last:
-            checkpoint.save(engine, root, step + 1, {"step": step + 1, "samples_seen": (step + 1) * t.micro_batch_size * t.grad_accum * world,
-                                                      "world_size": world, "seed": t.seed, "stage": t.stage}, t.keep_last)
+            tag = checkpoint.save(engine, root, step + 1, {"step": step + 1, "world_size": world, "seed": t.seed, "stage": t.stage,
+                                                            "samples_seen": (step + 1) * t.micro_batch_size * t.grad_accum * world},
+                                  t.keep_last)
+            if on_checkpoint is not None:
+                on_checkpoint(os.path.join(root, tag), step + 1, metrics)
     bar.close()
     result = {"checkpoint": os.path.join(root, checkpoint.latest_tag(root) or ""), "history": history, "engine": engine,
               "wandb_dir": run.dir.rsplit("/files", 1)[0] if run is not None else None}
