@@ -46,7 +46,8 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .launch import launch_training
 
-    cfg = load_config(args.config, list(args.overrides))
+    overrides = list(args.overrides) + ([f"train.stage={args.stage}"] if args.stage else [])
+    cfg = load_config(args.config, overrides)
     result = launch_training(cfg, args.data, args.out, resume=args.resume)
     print(f"train: checkpoint {result['checkpoint']}")
     if result.get("wandb_dir"):
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="shard folder from `convsink prep`")
     s.add_argument("--out", required=True, help="run folder (checkpoints, W&B run)")
     s.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    s.add_argument("--stage", choices=["memory", "dialogue"], help="memory = SMR+LMR samples, dialogue = dialogue fine-tuning (default: the recipe's train.stage)")
     s.add_argument("overrides", nargs="*", help=_overrides_help())
     s.set_defaults(fn=cmd_train)
 

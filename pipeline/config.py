@@ -30,8 +30,16 @@ class MaskConfig(Strict):
         "dialogue", description="mask applied to 'dialogue' rows (the baselines are for comparison runs)")
 
 
+class LoraConfig(Strict):
+    enabled: bool = Field(False, description="train LoRA adapters (peft) instead of all weights; export merges them")
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="modules that get adapters")
+
+
 class ModelConfig(Strict):
-    path: str | None = Field(None, description="a Hugging Face model folder to start from; None = random init from the fields below")
+    path: str | None = Field(None, description="a Hugging Face model folder, or 'smollm2' (bundled SmolLM2-135M-Instruct); None = random init from the fields below")
     hidden_size: int = Field(64, ge=8, description="width of the random-init Llama")
     num_layers: int = Field(2, ge=1, description="decoder layers of the random-init Llama")
     num_heads: int = Field(4, ge=1, description="attention heads")
@@ -43,6 +51,7 @@ class ModelConfig(Strict):
     attention: Literal["auto", "dense", "sink", "flex"] = Field(
         "auto", description="masked attention kernel: auto picks flex on CUDA, sink on CPU; dense = SDPA with a T×T mask")
     mask: MaskConfig = Field(default_factory=MaskConfig, description="mask parameters")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="optional LoRA adapters")
 
     @model_validator(mode="after")
     def _heads(self):
@@ -75,6 +84,7 @@ class TrainConfig(Strict):
     offload: bool = Field(False, description="ZeRO-3 CPU offload of parameters and optimizer state")
     sequence_parallel_size: int = Field(1, ge=1, description="Ulysses sequence-parallel group size")
     log_every: int = Field(1, ge=1, description="log metrics every N steps")
+    peak_tflops: float | None = Field(None, gt=0, description="per-device peak TFLOP/s for the MFU estimate; None = known GPUs only (H100/H200 bf16 989, A100 312)")
     stop_at_step: int | None = Field(None, ge=1, description="end this launch after this step (with a checkpoint); the schedule still follows max_steps, --resume continues")
     init_from: str | None = Field(None, description="start from this exported model folder (e.g. the memory stage's export)")
     ds_config: str | None = Field(None, description="a DeepSpeed JSON from ds_configs/ ('auto' values are filled from this recipe); None = built from the fields above")

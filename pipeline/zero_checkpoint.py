@@ -6,6 +6,7 @@ DeepSpeed's own readers call ``torch.load(..., weights_only=False)``. Here every
 ZeRO-3 layout: rank r's optimizer file holds one flat fp32 tensor per parameter group; each parameter of that
 group (in ``param_shapes`` order) owns ``ceil(numel / world)`` consecutive elements of every rank's flat tensor
 (the last rank's slice zero-padded). A parameter is the concatenation over ranks of its slices, trimmed to numel.
+Frozen parameters (no optimizer state) are fragments of the same size in each rank's model-states file.
 """
 
 from __future__ import annotations
@@ -62,8 +63,12 @@ def consolidate_zero3(tag_dir: str) -> dict[str, torch.Tensor]:
             pieces = [flats[r][g].narrow(0, offset, part) for r in range(world)]
             state[name] = torch.cat(pieces)[:numel].view(shape).clone()
             offset += part
-    for name, frag in (meta.get("frozen_param_fragments") or {}).items():
-        state.setdefault(name, frag)
+    frozen_shapes = meta.get("frozen_param_shapes") or {}
+    if frozen_shapes:  # frozen (e.g. LoRA base) weights: each rank's model file holds its fragment
+        frags = [safe_load(f)["frozen_param_fragments"] for f in model_files]
+        for name, shape in frozen_shapes.items():
+            numel = math.prod(shape)
+            state[name] = torch.cat([frags[r][name].flatten() for r in range(world)])[:numel].view(shape).clone()
     for alias, target in (meta.get("shared_params") or {}).items():
         state[alias] = state[target]
     buffers = meta.get("module") or {}

@@ -129,3 +129,30 @@ def test_export_matches_engine_parameters_and_logits(shards, tmp_path):
     torch.testing.assert_close(logits, engine["logits_dialogue"], atol=1e-5, rtol=0)
     info = json.load(open(os.path.join(export_dir, "convsink.json")))
     assert info["eou_token_id"] == model.config.eos_token_id
+
+
+def test_lora_training_exports_merged_weights(shards, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.checkpoint import checkpoint_root, latest_tag
+    from pipeline.export import export_checkpoint
+    from pipeline.zero_checkpoint import consolidate_zero3
+
+    out = str(tmp_path / "lora")
+    cfg = load_config(None, TINY + ["train.max_steps=3", "train.save_every=3", "model.lora.enabled=true", "model.lora.r=4",
+                                    "train.lr=5e-2"])
+    launch_training(cfg, shards, out)
+    root = checkpoint_root(out)
+    state = consolidate_zero3(os.path.join(root, latest_tag(root)))
+    a = state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+    b = state["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
+    base = state["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert b.abs().max() > 0, "LoRA B should have moved from its zero init"
+    export_dir = export_checkpoint(out, str(tmp_path / "export"))
+    model = AutoModelForCausalLM.from_pretrained(export_dir)
+    merged = model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    torch.testing.assert_close(merged, base + (16 / 4) * b @ a, atol=1e-6, rtol=0)
+    assert not any("lora" in k for k in model.state_dict())
+    # frozen base weights did not change during LoRA training
+    k_proj = state["base_model.model.model.layers.0.self_attn.k_proj.weight"]
+    torch.testing.assert_close(model.state_dict()["model.layers.0.self_attn.k_proj.weight"], k_proj)
