@@ -169,6 +169,25 @@ def _set(tree: dict, path: list[str], value, where: str) -> None:
     node[path[-1]] = value
 
 
+_ENV = __import__("re").compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(node, where: str, key: str = ""):
+    """Replace ``${NAME}`` in string values by the environment variable (recipes for clusters name their paths
+    this way); an unset variable is an error naming the key."""
+    if isinstance(node, dict):
+        return {k: _expand_env(v, where, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, where, key) for v in node]
+    if isinstance(node, str):
+        def sub(m):
+            if m.group(1) not in os.environ:
+                raise ConfigError(f"{where}: {key}: environment variable {m.group(1)} is not set")
+            return os.environ[m.group(1)]
+        return _ENV.sub(sub, node)
+    return node
+
+
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML recipe (or the defaults), apply ``key=value`` overrides, validate."""
     tree: dict = {}
@@ -183,6 +202,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
                 raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = _expand_env(tree, path)
         try:
             RunConfig.model_validate(tree)
         except ValidationError as e:
