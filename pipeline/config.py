@@ -84,6 +84,7 @@ class TrainConfig(Strict):
     offload: bool = Field(False, description="ZeRO-3 CPU offload of parameters and optimizer state")
     sequence_parallel_size: int = Field(1, ge=1, description="Ulysses sequence-parallel group size")
     log_every: int = Field(1, ge=1, description="log metrics every N steps")
+    memory_steps: int | None = Field(None, ge=1, description="steps of the memory stage in `convsink run` when the data has SMR/LMR samples (None = max_steps)")
     peak_tflops: float | None = Field(None, gt=0, description="per-device peak TFLOP/s for the MFU estimate; None = known GPUs only (H100/H200 bf16 989, A100 312)")
     stop_at_step: int | None = Field(None, ge=1, description="end this launch after this step (with a checkpoint); the schedule still follows max_steps, --resume continues")
     init_from: str | None = Field(None, description="start from this exported model folder (e.g. the memory stage's export)")
