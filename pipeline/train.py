@@ -127,6 +127,8 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
 
     data = load_shards(data_dir, t.stage)
     impl = attention_impl(cfg.model, device)
+    sp = SequenceParallel.create(t.sequence_parallel_size, engine.module.config)
+    dp_rank, dp_size = rank // sp.size, world // sp.size
     run = init_wandb(cfg, out_dir, rank, resume)
     bar = progress(t.max_steps, start, enabled=rank == 0)
     history = []
@@ -134,15 +136,15 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
     for step in range(start, last):
         t0 = time.time()
         micro = [micro_batch(data, step, m, micro_size=t.micro_batch_size, grad_accum=t.grad_accum,
-                             dp_rank=rank, dp_size=world, seed=t.seed) for m in range(t.grad_accum)]
-        n_tokens = torch.tensor(float(sum(int((b["targets"] != -100).sum()) for b in micro)))
+                             dp_rank=dp_rank, dp_size=dp_size, seed=t.seed) for m in range(t.grad_accum)]
+        n_tokens = torch.tensor(float(sum(int((sp.local(b)["targets"] != -100).sum()) for b in micro)))
         dist.all_reduce(n_tokens)  # loss tokens of the global batch
         lr = scheduler.get_last_lr()[0]
         task_nll: dict[str, list[float]] = {}
         for b in micro:
             b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
-            logits = _forward(engine, b, cfg, impl)  # (B, T, V)
-            sums = task_sums(logits, b["targets"], b["mask_kind"])
+            logits = _forward(engine, b, cfg, impl, sp)  # (B, T / sp, V)
+            sums = task_sums(logits, sp.local(b)["targets"], b["mask_kind"])
             loss = sum(s for s, _ in sums.values()) * (world * t.grad_accum / n_tokens.item())
             engine.backward(loss)
             engine.step()
@@ -157,7 +159,7 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
                        step_time=dt, tokens_per_s=n_tokens.item() / dt,
                        samples_per_s=t.micro_batch_size * t.grad_accum * world / dt)
         if (step + 1) % t.log_every == 0:
-            metrics.update(_throughput(micro, cfg, engine, n_params, dt, world, peak, device))
+            metrics.update(_throughput(micro, cfg, engine, n_params, dt, world, peak, device, sp.size))
         history.append({"step": step + 1, **metrics})
         if run is not None and (step + 1) % t.log_every == 0:
             run.log(metrics, step=step + 1)
@@ -183,14 +185,54 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
     return result
 
 
-def _forward(engine, batch: dict, cfg: RunConfig, impl: str) -> torch.Tensor:
+class SequenceParallel:
+    """Ulysses groups of ``size`` consecutive ranks: every rank of a group holds the same sample, a contiguous
+    slice of its tokens, and the full-length mask metadata; attention runs on the whole sequence for heads/size."""
+
+    def __init__(self, size: int, group=None, rank: int = 0):
+        self.size, self.group, self.rank = size, group, rank
+
+    @classmethod
+    def create(cls, size: int, model_config) -> "SequenceParallel":
+        if size == 1:
+            return cls(1)
+        from .sequence_parallel import check_sp_size
+
+        check_sp_size(model_config.num_attention_heads, model_config.num_key_value_heads, size)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = None
+        for start in range(0, world, size):  # every rank creates every group, in the same order
+            group = dist.new_group(list(range(start, start + size)))
+            if start <= rank < start + size:
+                mine = group
+        return cls(size, mine, rank % size)
+
+    def local(self, batch: dict) -> dict:
+        if self.size == 1:
+            return batch
+        from .sequence_parallel import shard_sequence
+
+        return shard_sequence(batch, self.rank, self.size)
+
+    def wrap(self, attn):
+        if self.size == 1:
+            return attn
+        from .sequence_parallel import ulysses_attention
+
+        return ulysses_attention(attn, self.group)
+
+
+def _forward(engine, batch: dict, cfg: RunConfig, impl: str, sp: SequenceParallel | None = None) -> torch.Tensor:
+    """Sink-masked forward; the attention callable is built once per batch from full-length metadata."""
     from .attention import prepare_attention
 
-    attn = prepare_attention(dict(batch, mask_kind=row_kinds(batch, cfg.model)), impl, cfg.model.mask.model_dump())
-    return engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], convsink_attn=attn, use_cache=False).logits
+    sp = sp or SequenceParallel(1)
+    attn = sp.wrap(prepare_attention(dict(batch, mask_kind=row_kinds(batch, cfg.model)), impl, cfg.model.mask.model_dump()))
+    local = sp.local(batch)
+    return engine(input_ids=local["input_ids"], position_ids=local["position_ids"], convsink_attn=attn, use_cache=False).logits
 
 
-def _throughput(micro: list, cfg: RunConfig, engine, n_params: int, dt: float, world: int, peak, device) -> dict:
+def _throughput(micro: list, cfg: RunConfig, engine, n_params: int, dt: float, world: int, peak, device, sp_size: int = 1) -> dict:
     """Mask density, model TFLOP/s (attention counted as computed under the mask), MFU, peak memory."""
     attended = causal = queries = 0.0
     for b in micro:
@@ -200,7 +242,7 @@ def _throughput(micro: list, cfg: RunConfig, engine, n_params: int, dt: float, w
         attended, causal, queries = attended + a, causal + c, queries + q
     buf = torch.tensor([attended, causal, queries], dtype=torch.float64)
     dist.all_reduce(buf)
-    attended, causal, queries = buf.tolist()
+    attended, causal, queries = (v / sp_size for v in buf.tolist())  # each SP rank counted the whole sample
     keys = attended / max(queries, 1.0)
     tflops = flops_per_token(engine.module.config, n_params, keys) * queries / dt / 1e12 / world  # per device
     out = {"mask_density": attended / max(causal, 1.0), "keys_per_query": keys, "tflops_per_device": tflops,
