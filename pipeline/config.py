@@ -208,14 +208,18 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
             RunConfig.model_validate(tree)
         except ValidationError as e:
             raise ConfigError(_format_error(e, path)) from None
+    parsed = []
     for text in overrides:
         keys, value = parse_override(text)
         _set(tree, keys, value, "command line")
-        try:
-            RunConfig.model_validate(tree)
-        except ValidationError as e:
-            raise ConfigError(_format_error(e, f"command line ({text})")) from None
-    return RunConfig.model_validate(tree)
+        parsed.append((keys, text))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        loc = [str(p) for p in e.errors()[0]["loc"]]
+        culprit = [text for keys, text in parsed if keys[:len(loc)] == loc or loc[:len(keys)] == keys]
+        where = f"command line ({culprit[-1]})" if culprit else (path or "command line")
+        raise ConfigError(_format_error(e, where)) from None
 
 
 def dump_config(cfg: RunConfig) -> dict:
