@@ -36,7 +36,10 @@ def convsink_attention(module, query, key, value, attention_mask, scaling=None, 
     if fn is None:
         raise RuntimeError("the 'convsink' attention needs convsink_attn=... in the forward call "
                            "(use pipeline.model.forward_batch, or load the exported model with attn_implementation='sdpa')")
-    out = fn(query, key, value, scaling)  # (B, H, Tq, D)
+    if hasattr(fn, "layer_call"):  # stateful callables (the streaming KV cache) need the layer index
+        out = fn.layer_call(module, query, key, value, scaling)
+    else:
+        out = fn(query, key, value, scaling)  # (B, H, Tq, D)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,0 +1,182 @@
+"""Streaming KV caches for chat: what a conversation keeps between tokens (method.md §3).
+
+The cache lives inside the 'convsink' attention callable (``StreamAttention``): each layer's new keys/values are
+attended together with what the cache holds, then appended. A policy decides what to drop when an utterance
+starts. Keys are cached after the rotary embedding, at their absolute positions.
+
+- ``dense``: keep everything (causal attention over the whole conversation).
+- ``streamingdialogue``: BOS + the EoU of every finished utterance + the previous and the current utterance.
+  With absolute positions this reproduces the training-time dialogue mask exactly; after T finished utterances
+  (before the next starts) it holds 1 + T + (non-EoU tokens of the last two utterances) positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class KVStore:
+    """Per-layer cached keys/values ``(B, Hkv, S, D)`` plus per-position metadata ``(S,)``."""
+
+    num_layers: int
+    keys: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    utt: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    eou: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+
+    def __post_init__(self):
+        self.keys = [None] * self.num_layers
+        self.values = [None] * self.num_layers
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return int(self.positions.numel())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+    def commit(self, positions: torch.Tensor, utt: torch.Tensor, eou: torch.Tensor) -> None:
+        """Append the keys/values every layer computed in the last forward, with their metadata."""
+        for i, (k, v) in self._pending.items():
+            self.keys[i] = k if self.keys[i] is None else torch.cat([self.keys[i], k], dim=2)
+            self.values[i] = v if self.values[i] is None else torch.cat([self.values[i], v], dim=2)
+        self._pending.clear()
+        self.positions = torch.cat([self.positions, positions])
+        self.utt = torch.cat([self.utt, utt])
+        self.eou = torch.cat([self.eou, eou])
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the cached positions selected by the boolean ``index`` ``(S,)``."""
+        idx = index.nonzero().squeeze(1)
+        for i in range(self.num_layers):
+            if self.keys[i] is not None:
+                self.keys[i] = self.keys[i].index_select(2, idx)
+                self.values[i] = self.values[i].index_select(2, idx)
+        self.positions, self.utt, self.eou = self.positions[idx], self.utt[idx], self.eou[idx]
+
+
+class StreamAttention:
+    """'convsink' attention callable for decoding: new queries see every cached key plus the new keys causally."""
+
+    def __init__(self, store: KVStore):
+        self.store = store
+
+    def layer_call(self, module, query, key, value, scaling):
+        i = module.layer_idx
+        self.store._pending[i] = (key.detach(), value.detach())
+        cached_k, cached_v = self.store.keys[i], self.store.values[i]
+        if cached_k is not None:
+            key = torch.cat([cached_k, key], dim=2)  # (B, Hkv, S + Tq, D)
+            value = torch.cat([cached_v, value], dim=2)
+        tq, tk = query.shape[2], key.shape[2]
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device)
+        mask[:, tk - tq:] = torch.ones(tq, tq, dtype=torch.bool, device=query.device).tril()
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                              enable_gqa=key.shape[1] != query.shape[1])
+
+
+class DensePolicy:
+    name = "dense"
+
+    def before_utterance(self, store: KVStore, utt: int) -> None:
+        pass
+
+
+class StreamingDialoguePolicy:
+    """Keep BOS (utt 0), every EoU, and the utterances ``utt - 1`` and ``utt`` when utterance ``utt`` starts."""
+
+    name = "streamingdialogue"
+
+    def before_utterance(self, store: KVStore, utt: int) -> None:
+        if len(store):
+            store.keep((store.utt == 0) | store.eou | (store.utt >= utt - 1))
+
+
+POLICIES = {"dense": DensePolicy, "streamingdialogue": StreamingDialoguePolicy}
+
+
+def make_policy(name: str):
+    if name not in POLICIES:
+        raise ValueError(f"cache policy {name!r} is not available; choose one of {', '.join(POLICIES)}")
+    return POLICIES[name]()
+
+
+class Conversation:
+    """One conversation decoded turn by turn: ``[BOS] u1 EoU u2 EoU ...`` with a pruned KV cache."""
+
+    def __init__(self, model, bos_id: int, eou_id: int, policy="streamingdialogue"):
+        self.model, self.bos_id, self.eou_id = model, bos_id, eou_id
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.store = KVStore(model.config.num_hidden_layers)
+        self.attn = StreamAttention(self.store)
+        self.next_position = 0
+        self.utt = 0  # index of the current utterance (BOS is 0)
+        self.in_utterance = False
+        self._feed([bos_id], eou=[False])
+
+    @torch.no_grad()
+    def _feed(self, token_ids: list[int], eou: list[bool]) -> torch.Tensor:
+        """Run new tokens of the current utterance through the model; returns their logits ``(n, V)``."""
+        n = len(token_ids)
+        device = self.model.device
+        positions = torch.arange(self.next_position, self.next_position + n)
+        ids = torch.tensor([token_ids], device=device)
+        out = self.model(input_ids=ids, position_ids=positions[None].to(device), convsink_attn=self.attn, use_cache=False)
+        self.store.commit(positions, torch.full((n,), self.utt), torch.tensor(eou))
+        self.next_position += n
+        return out.logits[0]
+
+    def start_utterance(self) -> None:
+        self.utt += 1
+        self.policy.before_utterance(self.store, self.utt)
+        self.in_utterance = True
+
+    def add_utterance(self, token_ids: list[int]) -> torch.Tensor:
+        """Teacher-force a whole utterance and its EoU; returns the logits at each of its positions ``(n+1, V)``."""
+        self.start_utterance()
+        logits = self._feed(list(token_ids) + [self.eou_id], eou=[False] * len(token_ids) + [True])
+        self.in_utterance = False
+        return logits
+
+    def feed_token(self, token_id: int) -> torch.Tensor:
+        """Feed one token of the current utterance (an EoU ends it); returns its logits ``(V,)``."""
+        if not self.in_utterance:
+            self.start_utterance()
+        is_eou = token_id == self.eou_id
+        logits = self._feed([token_id], eou=[is_eou])[0]
+        if is_eou:
+            self.in_utterance = False
+        return logits
+
+    def generate(self, last_logits: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 generator: torch.Generator | None = None, on_token=None) -> list[int]:
+        """Generate the next utterance from the logits that end the previous one; always closes it with EoU."""
+        out, logits = [], last_logits
+        for _ in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, generator)
+            if token == self.eou_id:
+                break
+            out.append(token)
+            if on_token is not None:
+                on_token(out)
+            logits = self.feed_token(token)
+        self.last_logits = self.feed_token(self.eou_id)
+        return out
+
+    def cache_info(self) -> dict:
+        return {"positions": len(self.store), "kv_bytes": self.store.nbytes(), "utterances": self.utt}
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, generator=None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
