@@ -75,9 +75,127 @@ def causal_mask(meta: dict, **_) -> MaskMod:
     return causal_same_doc(meta)
 
 
+def smr_mask(meta: dict, **_) -> MaskMod:
+    """Short-memory reconstruction: ``[BOS] (u_j EoU u_j' EoU)*``; blk = utt; odd blk = original, even = copy.
+    A token sees BOS and its own block; a copy also sees its original's EoU, so it must be rebuilt from it.
+
+    ``[BOS] a E a' E'`` (blk 0 1 1 2 2)::
+
+             B a E a'E'
+        B    1
+        a    1 1
+        E    1 1 1
+        a'   1 0 1 1
+        E'   1 0 1 1 1
+    """
+    blk, eou = meta["blk"], meta["eou"]
+
+    def kind(b, h, q, k):
+        copy_q = (blk[b, q] > 0) & (blk[b, q] % 2 == 0)
+        prev_eou = eou[b, k] & (blk[b, k] == blk[b, q] - 1)
+        return (blk[b, k] == 0) | (blk[b, k] == blk[b, q]) | (copy_q & prev_eou)
+    return and_masks(causal_same_doc(meta), kind)
+
+
+def lmr_mask(meta: dict, **_) -> MaskMod:
+    """Long-memory reactivation: ``[BOS] (query EoU response EoU)* + a repeated pair``; blk = pair index.
+    A token sees BOS, every EoU, its own utterance, and a response sees its own pair's query: the repeated
+    pair sees only BOS, the history's EoUs and itself.
+
+    ``[BOS] q E r E q' E`` (utt 0 1 1 2 2 3 3, blk 0 1 1 1 1 2 2)::
+
+             B q E r E q'E
+        B    1
+        q    1 1
+        E    1 1 1
+        r    1 1 1 1
+        E    1 1 1 1 1
+        q'   1 0 1 0 1 1
+        E    1 0 1 0 1 1 1
+    """
+    utt, eou, blk = meta["utt_ids"], meta["eou"], meta["blk"]
+
+    def kind(b, h, q, k):
+        return (utt[b, k] == 0) | eou[b, k] | (utt[b, k] == utt[b, q]) | ((blk[b, k] == blk[b, q]) & (blk[b, q] > 0))
+    return and_masks(causal_same_doc(meta), kind)
+
+
+def local_mask(meta: dict, local_window: int = 64, **_) -> MaskMod:
+    """Sliding window: the last ``w`` tokens (itself included). w = 2::
+
+             B a a E b
+        B    1
+        a    1 1
+        a    0 1 1
+        E    0 0 1 1
+        b    0 0 0 1 1
+    """
+    return and_masks(causal_same_doc(meta), lambda b, h, q, k: q - k < local_window)
+
+
+def streamingllm_mask(meta: dict, sink_tokens: int = 1, sink_window: int = 64, **_) -> MaskMod:
+    """StreamingLLM: the first ``s`` tokens of the dialogue (attention sinks) plus the last ``w``. s = 1, w = 2::
+
+             B a a E b
+        B    1
+        a    1 1
+        a    1 1 1
+        E    1 0 1 1
+        b    1 0 0 1 1
+    """
+    pos = meta["position_ids"]
+    return and_masks(causal_same_doc(meta), lambda b, h, q, k: (pos[b, k] < sink_tokens) | (q - k < sink_window))
+
+
+def bigbird_random_keys(meta: dict, n_random: int, seed: int) -> torch.Tensor:
+    """``(B, T, r)`` positions of ``r`` earlier keys per query, drawn uniformly (with replacement) from a generator
+    seeded by (seed, row), so the draw is the same on every device; -1 where a query has no earlier key. Keys drawn
+    from another dialogue of the row are dropped by the same-dialogue rule."""
+    doc = meta["doc_ids"]
+    B, T = doc.shape
+    out = torch.full((B, T, max(n_random, 1)), -1, dtype=torch.long)
+    for b in range(B):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        u = torch.rand(T, max(n_random, 1), generator=g)
+        q = torch.arange(T).unsqueeze(1)
+        draw = (u * q).long()  # uniform in [0, q)
+        out[b] = torch.where(q > 0, draw, torch.full_like(draw, -1))
+    if n_random == 0:
+        out.fill_(-1)
+    return out.to(doc.device)
+
+
+def bigbird_mask(meta: dict, bigbird_global: int = 1, bigbird_window: int = 64, bigbird_random: int = 8,
+                 bigbird_seed: int = 0, **_) -> MaskMod:
+    """BigBird (causal): the first ``g`` tokens of the dialogue, a window of ``w``, and ``r`` seeded random
+    earlier keys per query. g = 1, w = 2, r = 1 (one possible draw)::
+
+             B a a E b
+        B    1
+        a    1 1
+        a    1 1 1
+        E    1 1 1 1
+        b    1 0 1 1 1
+    """
+    pos = meta["position_ids"]
+    rand = meta.get("bigbird_random_keys")
+    if rand is None:
+        rand = bigbird_random_keys(meta, bigbird_random, bigbird_seed)
+
+    def kind(b, h, q, k):
+        drawn = (rand[b, q] == k.unsqueeze(-1)).any(-1)  # rand[b, q]: (..., r)
+        return (pos[b, k] < bigbird_global) | (q - k < bigbird_window) | drawn
+    return and_masks(causal_same_doc(meta), kind)
+
+
 MASK_BUILDERS: dict[str, Callable[..., MaskMod]] = {
     "dialogue": dialogue_mask,
     "causal": causal_mask,
+    "smr": smr_mask,
+    "lmr": lmr_mask,
+    "local": local_mask,
+    "streamingllm": streamingllm_mask,
+    "bigbird": bigbird_mask,
 }
 
 
@@ -103,8 +221,11 @@ def batch_dense_mask(batch: dict, kinds: list[str] | None = None, **params) -> t
     """``(B, T, T)`` mask where row b uses its own ``mask_kind`` (batches may mix SMR and LMR samples)."""
     kinds = kinds if kinds is not None else list(batch["mask_kind"])
     out = torch.empty(batch["doc_ids"].shape + batch["doc_ids"].shape[-1:], dtype=torch.bool, device=batch["doc_ids"].device)
+    full = {c: batch[c] for c in META_COLUMNS if c in batch}
+    if "bigbird" in kinds and "bigbird_random_keys" not in batch:  # drawn per batch row, whatever the other rows
+        full["bigbird_random_keys"] = bigbird_random_keys(full, params.get("bigbird_random", 8), params.get("bigbird_seed", 0))
     for kind in sorted(set(kinds)):
         rows = [i for i, kk in enumerate(kinds) if kk == kind]
-        sub = {c: batch[c][rows] for c in META_COLUMNS if c in batch}
+        sub = {c: v[rows] for c, v in full.items()}
         out[rows] = dense_mask(kind, sub, **params)
     return out
