@@ -81,6 +81,32 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_bench_attention(args) -> int:
+    from .bench import bench_attention
+
+    result = bench_attention(args.out, seq_lens=tuple(args.seq_lens), heads=args.heads, head_dim=args.head_dim, repeats=args.repeats)
+    for r in result["summary"]:
+        print(f"T={r['T']:>6}: sink {r['sink_s']:.3f}s  dense-mask {r['dense_mask_s']:.3f}s  causal {r['causal_s']:.3f}s  "
+              f"-> {r['speedup_vs_dense_mask']:.1f}x vs dense-mask, {r['speedup_vs_causal']:.1f}x vs causal, "
+              f"keys computed {r['key_fraction_computed']:.2%}")
+    print(f"bench: wrote {args.out}")
+    return 0
+
+
+def _bench_parser(sub) -> argparse._SubParsersAction:
+    """``convsink bench <what>``: benchmarks that write JSON (siblings: attention, prep, inference)."""
+    bench = sub.add_parser("bench", help="benchmarks (write JSON)")
+    inner = bench.add_subparsers(dest="bench_command", required=True)
+    s = inner.add_parser("attention", help="sink attention vs dense-mask SDPA vs causal SDPA, forward+backward")
+    s.add_argument("--out", required=True, help="JSON output file")
+    s.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384], help="sequence lengths")
+    s.add_argument("--heads", type=int, default=2, help="attention heads")
+    s.add_argument("--head-dim", type=int, default=32, help="head dimension")
+    s.add_argument("--repeats", type=int, default=2, help="timed repeats (the minimum is reported)")
+    s.set_defaults(fn=cmd_bench_attention)
+    return inner
+
+
 def cmd_run(args) -> int:
     from .config import load_config
     from .run import run_recipe
@@ -130,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
     s.add_argument("overrides", nargs="*", help=_overrides_help())
     s.set_defaults(fn=cmd_run)
+
+    _bench_parser(sub)
     return p
 
 

@@ -1,0 +1,120 @@
+"""Benchmarks (not timed tests): ``convsink bench attention``.
+
+Ratios are measured side by side in one run; absolute times on this machine are noisy. Each method × length runs
+in its own subprocess so its peak memory (max RSS) is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+DEFAULT_SEQ_LENS = (2048, 4096, 8192, 16384)
+
+
+def msc_utterance_lengths(data_dir: str, limit: int = 4000) -> list[int]:
+    """Real utterance token lengths (SmolLM2 tokenizer) from the MSC files, in conversation order."""
+    from data_prep.adapters import iter_dialogues
+    from data_prep.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    lengths: list[int] = []
+    for name in sorted(os.listdir(os.path.join(data_dir, "msc"))):
+        for d in iter_dialogues(os.path.join(data_dir, "msc", name), "msc"):
+            if isinstance(d, Exception):
+                continue
+            lengths += [len(x) for x in tok([t.text for t in d.turns], add_special_tokens=False)["input_ids"]]
+            if len(lengths) >= limit:
+                return lengths
+    return lengths
+
+
+def conversation_row(lengths: list[int], T: int) -> dict:
+    """One conversation of T tokens built from real utterance lengths: [BOS] u1 EoU u2 EoU ..."""
+    utt, eou = [0], [False]
+    i = 0
+    while len(utt) < T:
+        n = lengths[i % len(lengths)]
+        i += 1
+        u = len([x for x in utt if x >= 0]) and utt[-1] + 1
+        utt += [u] * (n + 1)
+        eou += [False] * n + [True]
+    utt, eou = utt[:T], eou[:T]
+    t = torch.tensor([utt])
+    return {"doc_ids": torch.zeros(1, T, dtype=torch.long), "utt_ids": t, "blk": t.clone(), "eou": torch.tensor([eou]),
+            "position_ids": torch.arange(T)[None], "mask_kind": ["dialogue"]}
+
+
+def _measure(method: str, T: int, heads: int, head_dim: int, lengths: list[int], repeats: int) -> dict:
+    """Forward+backward time of one attention method (runs inside its own subprocess)."""
+    import torch.nn.functional as F
+
+    from .attention import DenseMaskAttention
+    from .masks import dense_mask
+    from .sink_attention import SinkAttention
+
+    torch.manual_seed(0)
+    row = conversation_row(lengths, T)
+    q = torch.randn(1, heads, T, head_dim, requires_grad=True)
+    k = torch.randn(1, heads, T, head_dim, requires_grad=True)
+    v = torch.randn(1, heads, T, head_dim, requires_grad=True)
+    times, extra = [], {}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if method == "sink":
+            attn = SinkAttention(row)
+            extra["key_fraction_computed"] = attn.keys_computed / attn.keys_dense
+            out = attn(q, k, v, head_dim ** -0.5)
+        elif method == "dense_mask":
+            out = DenseMaskAttention(dense_mask("dialogue", row))(q, k, v, head_dim ** -0.5)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.sum().backward()
+        times.append(time.perf_counter() - t0)
+        q.grad = k.grad = v.grad = None
+    return {"method": method, "T": T, "seconds": min(times), "all_seconds": times,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **extra}
+
+
+def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_dim: int = 32, repeats: int = 2,
+                    data_dir: str | None = None) -> dict:
+    """Sink attention vs dense-mask SDPA vs plain causal SDPA, forward+backward, on MSC-shaped conversations."""
+    data_dir = data_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+    lengths = msc_utterance_lengths(data_dir)
+    rows = []
+    for T in seq_lens:
+        for method in ("sink", "dense_mask", "causal"):
+            payload = json.dumps({"method": method, "T": T, "heads": heads, "head_dim": head_dim, "lengths": lengths, "repeats": repeats})
+            proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "_measure"], input=payload, capture_output=True, text=True)
+            if proc.returncode != 0:
+                rows.append({"method": method, "T": T, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"})
+            else:
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1] | {"all_seconds": None}), flush=True)
+    by = {(r["method"], r["T"]): r for r in rows}
+    summary = []
+    for T in seq_lens:
+        s, d, c = by[("sink", T)], by[("dense_mask", T)], by[("causal", T)]
+        if all("seconds" in r for r in (s, d, c)):
+            summary.append({"T": T, "sink_s": s["seconds"], "dense_mask_s": d["seconds"], "causal_s": c["seconds"],
+                            "speedup_vs_dense_mask": d["seconds"] / s["seconds"], "speedup_vs_causal": c["seconds"] / s["seconds"],
+                            "sink_peak_rss_gb": s["peak_rss_gb"], "dense_mask_peak_rss_gb": d["peak_rss_gb"],
+                            "key_fraction_computed": s.get("key_fraction_computed")})
+    result = {"setting": {"heads": heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "repeats": repeats,
+                          "utterance_lengths": "real MSC utterances (SmolLM2 tokens), one conversation per row",
+                          "mean_utterance_tokens": sum(lengths) / len(lengths), "torch_threads": torch.get_num_threads(),
+                          "device": "cpu"}, "rows": rows, "summary": summary}
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["_measure"]:
+    args = json.loads(sys.stdin.read())
+    print(json.dumps(_measure(**args)))
