@@ -35,5 +35,8 @@ class DataConfig(Strict):
     shard_rows: int = Field(512, ge=1, description="sequences per Parquet shard")
     on_bad_record: Literal["error", "skip"] = Field("error", description="stop at the first bad record, or quarantine it in rejected.jsonl")
     seed: int = Field(0, description="seed for memory-task sampling")
+    engine: Literal["ray", "local"] = Field("ray", description="ray = Ray Data tokenization on an embedded local Ray (or the cluster of RAY_ADDRESS); local = one process")
+    workers: int | None = Field(None, ge=1, description="Ray tokenization workers (None = the CPUs Ray sees)")
+    block_dialogues: int = Field(256, ge=1, description="dialogues per Ray tokenization block (fixed, so output does not depend on the worker count)")
     smr: SMRConfig = Field(default_factory=SMRConfig, description="short-memory reconstruction samples")
     lmr: LMRConfig = Field(default_factory=LMRConfig, description="long-memory reactivation samples")

@@ -19,7 +19,7 @@ from .config import DataConfig
 from .packing import build_row, pack_first_fit_decreasing
 from .schema import DataError
 from .shards import MANIFEST, sha256_file, write_shard
-from .tokenize import split_into_windows, utterance_token_ids
+from .tokenize import split_into_windows
 from .tokenizer import load_tokenizer, prepare_tokenizer
 
 
@@ -71,64 +71,111 @@ def prepare(inputs: list[str], out: str, cfg: DataConfig, progress: bool = True)
         raise
 
 
+def _read_records(inputs, in_meta, cfg, rejected, counts, progress):
+    """All input records in order; adapter errors are raised or quarantined here."""
+    good = []
+    with tqdm(desc="prep: read", unit=" records", disable=not progress, mininterval=2.0) as bar:
+        for path, meta in zip(inputs, in_meta):
+            meta.update(records=0, kept=0, rejected=0)
+            for rec in iter_dialogues(path, cfg.format):
+                if cfg.max_dialogues is not None and meta["records"] >= cfg.max_dialogues:
+                    break
+                meta["records"] += 1
+                counts["records"] += 1
+                bar.update(1)
+                if isinstance(rec, DataError):
+                    _reject(rec, cfg, rejected, counts, meta)
+                    continue
+                good.append((rec, meta))
+    return good
+
+
+def _reject(err: DataError, cfg, rejected, counts, meta) -> None:
+    if cfg.on_bad_record == "error":
+        raise err
+    rejected.append({"source": err.source, "line": err.line, "reason": err.reason})
+    meta["rejected"] += 1
+    counts["rejected"] += 1
+
+
+def _texts(dialogue, speaker_tags: bool) -> list[str]:
+    return [f"{t.speaker}: {t.text}" if speaker_tags and t.speaker else t.text for t in dialogue.turns]
+
+
+def _tokenize(good, cfg, tokenizer, tokenizer_dir, progress) -> list[list[list[int]]]:
+    texts = [_texts(d, cfg.speaker_tags) for d, _ in good]
+    if cfg.engine == "ray":
+        from .ray_engine import tokenize_blocks
+
+        blocks = [texts[i:i + cfg.block_dialogues] for i in range(0, len(texts), cfg.block_dialogues)]
+        return [d for block in tokenize_blocks(blocks, tokenizer_dir, cfg.workers) for d in block]
+    out = []
+    for t in tqdm(texts, desc="prep: tokenize", unit=" dialogues", disable=not progress, mininterval=2.0):
+        out.append(tokenizer(t, add_special_tokens=False)["input_ids"])
+    return out
+
+
 def _prepare_into(inputs, in_meta, tmp, cfg, tokenizer, ids, fp, progress) -> dict:
+    from .memory_tasks import build_lmr, build_smr
+
     t0 = time.time()
-    items, rejected = [], []
+    rejected: list[dict] = []
     counts = {"records": 0, "dialogues": 0, "rejected": 0, "windows": 0, "split_dialogues": 0,
               "utterances": 0, "tokens_in": 0}
-    bar = tqdm(desc="prep: tokenize", unit=" dialogues", disable=not progress, mininterval=2.0)
+    good = _read_records(inputs, in_meta, cfg, rejected, counts, progress)
+    tokenizer_dir = os.path.join(tmp, "tokenizer")
+    tokenizer.save_pretrained(tokenizer_dir)
+    t_tok = time.time()
+    tokenized = _tokenize(good, cfg, tokenizer, tokenizer_dir, progress)
+    t_tok = time.time() - t_tok
+
+    items, kept_utts = [], []
+    for (dialogue, meta), utts in zip(good, tokenized):
+        try:
+            windows = split_into_windows(dialogue, utts, ids, cfg.seq_len)
+        except DataError as e:
+            _reject(e, cfg, rejected, counts, meta)
+            continue
+        meta["kept"] += 1
+        counts["dialogues"] += 1
+        counts["windows"] += len(windows)
+        counts["split_dialogues"] += len(windows) > 1
+        counts["utterances"] += len(utts)
+        counts["tokens_in"] += sum(len(w) for w in windows)
+        items.extend(windows)
+        kept_utts.append(utts)
     for path, meta in zip(inputs, in_meta):
-        meta.update(records=0, kept=0, rejected=0)
-        kept_here = 0
-        for rec in iter_dialogues(path, cfg.format):
-            if cfg.max_dialogues is not None and kept_here >= cfg.max_dialogues:
-                break
-            meta["records"] += 1
-            counts["records"] += 1
-            try:
-                if isinstance(rec, DataError):
-                    raise rec
-                utts = utterance_token_ids(rec, tokenizer, cfg.speaker_tags)
-                windows = split_into_windows(rec, utts, ids, cfg.seq_len)
-            except DataError as e:
-                if cfg.on_bad_record == "error":
-                    raise
-                rejected.append({"source": e.source, "line": e.line, "reason": e.reason})
-                meta["rejected"] += 1
-                counts["rejected"] += 1
-                continue
-            kept_here += 1
-            meta["kept"] += 1
-            counts["dialogues"] += 1
-            counts["windows"] += len(windows)
-            counts["split_dialogues"] += len(windows) > 1
-            counts["utterances"] += len(utts)
-            counts["tokens_in"] += sum(len(w) for w in windows)
-            items.extend(windows)
-            bar.update(1)
-            if counts["dialogues"] % 200 == 0:
-                bar.set_postfix(tokens=counts["tokens_in"], refresh=False)
-        if kept_here == 0 and meta["records"] and cfg.on_bad_record == "error":
+        if meta["records"] and meta["kept"] == 0 and cfg.on_bad_record == "error":
             raise DataError(path, 1, "no usable dialogue in this file")
-    bar.close()
     if not items:
         raise ValueError(f"no dialogues left to pack from {inputs} ({counts['rejected']} rejected)")
 
-    bins = pack_first_fit_decreasing(items, cfg.seq_len)
-    rows = [build_row([items[i] for i in b], cfg.seq_len, ids.pad) for b in bins]
-    shards = []
-    for k in tqdm(range(0, len(rows), cfg.shard_rows), desc="prep: write shards", disable=not progress):
-        shards.append(write_shard(rows[k:k + cfg.shard_rows], os.path.join(tmp, f"dialogue-{len(shards):05d}.parquet")))
+    smr, smr_stats = build_smr([u for d in kept_utts for u in d], cfg.smr, ids, cfg.seq_len, cfg.seed)
+    lmr, lmr_stats = build_lmr(kept_utts, cfg.lmr, ids, cfg.seq_len, cfg.seed)
+    counts.update(smr_stats, **lmr_stats)
+
+    shards, n_rows, tokens_by_kind = [], 0, {}
+    for kind, kind_items in (("dialogue", items), ("smr", smr), ("lmr", lmr)):
+        if not kind_items:
+            continue
+        bins = pack_first_fit_decreasing(kind_items, cfg.seq_len)
+        rows = [build_row([kind_items[i] for i in b], cfg.seq_len, ids.pad) for b in bins]
+        n_rows += len(rows)
+        for k in range(0, len(rows), cfg.shard_rows):
+            name = f"{kind}-{k // cfg.shard_rows:05d}.parquet"
+            shards.append(write_shard(rows[k:k + cfg.shard_rows], os.path.join(tmp, name)))
+        tokens_by_kind[kind] = sum(len(it) for it in kind_items)
     if rejected:
         with open(os.path.join(tmp, "rejected.jsonl"), "w") as f:
             for r in rejected:
                 f.write(json.dumps(r) + "\n")
-    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
 
-    tokens_out = sum(s["tokens"] for s in shards)
-    slots = len(rows) * cfg.seq_len
-    counts.update(sequences=len(rows), tokens_out=tokens_out, pad_tokens=slots - tokens_out,
-                  packing_efficiency=round(tokens_out / slots, 6))
+    dialogue_shards = [s for s in shards if s["mask_kind"] == ["dialogue"]]
+    tokens_out = sum(s["tokens"] for s in dialogue_shards)
+    slots = sum(s["rows"] for s in dialogue_shards) * cfg.seq_len
+    counts.update(sequences=sum(s["rows"] for s in dialogue_shards), tokens_out=tokens_out, pad_tokens=slots - tokens_out,
+                  packing_efficiency=round(tokens_out / slots, 6), rows_all_kinds=n_rows, tokens_by_kind=tokens_by_kind)
+    elapsed = time.time() - t0
     manifest = {
         "format_version": 1,
         "fingerprint": fp,
@@ -139,8 +186,11 @@ def _prepare_into(inputs, in_meta, tmp, cfg, tokenizer, ids, fp, progress) -> di
         "seq_len": cfg.seq_len,
         "counts": counts,
         "shards": shards,
-        "seconds": round(time.time() - t0, 3),
+        "timing": {"seconds": round(elapsed, 3), "tokenize_seconds": round(t_tok, 3), "engine": cfg.engine},
     }
     with open(os.path.join(tmp, MANIFEST), "w") as f:  # written last: its presence means complete
         json.dump(manifest, f, indent=2)
+    if progress:
+        print(f"prep: {counts['tokens_in']} tokens in {elapsed:.1f}s ({counts['tokens_in'] / max(elapsed, 1e-9):,.0f} tokens/s, "
+              f"{counts['records'] / max(elapsed, 1e-9):,.0f} records/s)", flush=True)
     return manifest

@@ -76,7 +76,7 @@ def test_bad_override_type(tmp_path):
 def test_resume_without_checkpoint(tmp_path, shared_data):
     data = tmp_path / "data"
     proc = convsink("prep", str(shared_data / "personachat" / "valid.json"), "--out", str(data), "data.max_dialogues=5",
-                    "data.seq_len=256")
+                    "data.seq_len=256", "data.engine=local")
     assert proc.returncode == 0, proc.stderr
     assert (data / "manifest.json").exists()
     out = tmp_path / "run"

@@ -19,7 +19,7 @@ def packed(request, tmp_path_factory, shared_data):
     src = {"personachat": shared_data / "personachat" / "valid.json",
            "msc": shared_data / "msc" / "session_3_valid.jsonl"}[request.param]
     out = tmp_path_factory.mktemp(request.param) / "shards"
-    prepare([str(src)], str(out), DataConfig(seq_len=384, max_dialogues=40), progress=False)
+    prepare([str(src)], str(out), DataConfig(seq_len=384, max_dialogues=40, engine="local"), progress=False)
     return load_shards(str(out))
 
 

@@ -26,7 +26,7 @@ def shards(tmp_path_factory, shared_data):
 
     out = tmp_path_factory.mktemp("sp") / "shards"
     prepare([str(shared_data / "msc" / "session_3_valid.jsonl")], str(out),
-            load_config(None, ["data.seq_len=128", "data.max_dialogues=20"]).data, progress=False)
+            load_config(None, ["data.seq_len=128", "data.max_dialogues=20", "data.engine=local"]).data, progress=False)
     return str(out)
 
 
