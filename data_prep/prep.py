@@ -133,6 +133,8 @@ def _prepare_into(inputs, in_meta, tmp, cfg, tokenizer, ids, fp, progress) -> di
     for (dialogue, meta), utts in zip(good, tokenized):
         try:
             windows = split_into_windows(dialogue, utts, ids, cfg.seq_len)
+            for w in windows:  # ids repeat across files (MSC episodes recur in later-session files): name the file
+                w.dialogue_id = f"{os.path.basename(dialogue.source)}:{dialogue.id}"
         except DataError as e:
             _reject(e, cfg, rejected, counts, meta)
             continue
