@@ -115,6 +115,37 @@ def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_di
     return result
 
 
+def bench_prep(out: str, data_dir: str | None = None, workers: int | None = None) -> dict:
+    """Tokens/s of the Ray pipeline and of the single-process loop over the same files (side by side, one run),
+    and packing efficiency at seq_len 2048 and 8192 on the MSC data."""
+    import glob
+    import tempfile
+
+    from data_prep.config import DataConfig
+    from data_prep.prep import prepare
+
+    data_dir = data_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+    msc = sorted(glob.glob(os.path.join(data_dir, "msc", "*.jsonl")))
+    inputs = [os.path.join(data_dir, "personachat", "valid.json")] + msc
+    result = {"inputs": inputs, "engines": {}, "packing": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine in ("local", "ray"):
+            t0 = time.perf_counter()
+            m = prepare(inputs, os.path.join(tmp, engine), DataConfig(seq_len=2048, engine=engine, workers=workers), progress=False)
+            dt = time.perf_counter() - t0
+            result["engines"][engine] = {"seconds": dt, "tokens": m["counts"]["tokens_in"], "tokens_per_s": m["counts"]["tokens_in"] / dt,
+                                         "tokenize_seconds": m["timing"]["tokenize_seconds"]}
+        for seq_len in (2048, 8192):
+            m = prepare(msc, os.path.join(tmp, f"pack{seq_len}"), DataConfig(seq_len=seq_len, engine="local"), progress=False)
+            result["packing"][str(seq_len)] = {"packing_efficiency": m["counts"]["packing_efficiency"],
+                                               "sequences": m["counts"]["sequences"], "split_dialogues": m["counts"]["split_dialogues"]}
+    e = result["engines"]
+    result["ray_speedup_vs_single_process"] = e["ray"]["tokens_per_s"] / e["local"]["tokens_per_s"]
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["_measure"]:
     args = json.loads(sys.stdin.read())
     print(json.dumps(_measure(**args)))

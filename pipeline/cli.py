@@ -93,6 +93,19 @@ def cmd_bench_attention(args) -> int:
     return 0
 
 
+def cmd_bench_prep(args) -> int:
+    from .bench import bench_prep
+
+    r = bench_prep(args.out, workers=args.workers)
+    for name, e in r["engines"].items():
+        print(f"{name:>6}: {e['tokens_per_s']:,.0f} tokens/s ({e['seconds']:.1f} s)")
+    print(f"ray / single process: {r['ray_speedup_vs_single_process']:.2f}x")
+    for seq_len, p in r["packing"].items():
+        print(f"packing efficiency at {seq_len}: {p['packing_efficiency']:.2%}")
+    print(f"bench: wrote {args.out}")
+    return 0
+
+
 def _bench_parser(sub) -> argparse._SubParsersAction:
     """``convsink bench <what>``: benchmarks that write JSON (siblings: attention, prep, inference)."""
     bench = sub.add_parser("bench", help="benchmarks (write JSON)")
@@ -104,6 +117,10 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--head-dim", type=int, default=32, help="head dimension")
     s.add_argument("--repeats", type=int, default=2, help="timed repeats (the minimum is reported)")
     s.set_defaults(fn=cmd_bench_attention)
+    s = inner.add_parser("prep", help="Ray pipeline vs single-process loop (tokens/s); packing efficiency at 2048/8192")
+    s.add_argument("--out", required=True, help="JSON output file")
+    s.add_argument("--workers", type=int, help="Ray workers (default: all CPUs)")
+    s.set_defaults(fn=cmd_bench_prep)
     return inner
 
 
