@@ -5,9 +5,14 @@ attended together with what the cache holds, then appended. A policy decides wha
 starts. Keys are cached after the rotary embedding, at their absolute positions.
 
 - ``dense``: keep everything (causal attention over the whole conversation).
+- ``streamingllm``: the first ``s`` tokens + the last ``w`` tokens; keys are re-rotated to positions inside the
+  cache (StreamingLLM), so positions stay bounded.
 - ``streamingdialogue``: BOS + the EoU of every finished utterance + the previous and the current utterance.
-  With absolute positions this reproduces the training-time dialogue mask exactly; after T finished utterances
-  (before the next starts) it holds 1 + T + (non-EoU tokens of the last two utterances) positions.
+  With ``positions='absolute'`` this reproduces the training-time dialogue mask exactly; after T finished
+  utterances (before the next starts) it holds 1 + T + (non-EoU tokens of the last two utterances) positions.
+  ``positions='cache'`` re-indexes inside the cache like StreamingLLM, for conversations longer than the context.
+- ``recompute``: dense attention over the last ``w`` tokens, re-encoded from scratch at every utterance (the
+  baseline of the paper's 4x / 18x claim).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ class KVStore:
     num_layers: int
     keys: list = field(default_factory=list)
     values: list = field(default_factory=list)
-    positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # original positions
+    rope_pos: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # positions keys are rotated at
     utt: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     eou: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
 
@@ -40,13 +46,14 @@ class KVStore:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
-    def commit(self, positions: torch.Tensor, utt: torch.Tensor, eou: torch.Tensor) -> None:
+    def commit(self, positions: torch.Tensor, utt: torch.Tensor, eou: torch.Tensor, rope_pos: torch.Tensor | None = None) -> None:
         """Append the keys/values every layer computed in the last forward, with their metadata."""
         for i, (k, v) in self._pending.items():
             self.keys[i] = k if self.keys[i] is None else torch.cat([self.keys[i], k], dim=2)
             self.values[i] = v if self.values[i] is None else torch.cat([self.values[i], v], dim=2)
         self._pending.clear()
         self.positions = torch.cat([self.positions, positions])
+        self.rope_pos = torch.cat([self.rope_pos, positions if rope_pos is None else rope_pos])
         self.utt = torch.cat([self.utt, utt])
         self.eou = torch.cat([self.eou, eou])
 
@@ -58,6 +65,24 @@ class KVStore:
                 self.keys[i] = self.keys[i].index_select(2, idx)
                 self.values[i] = self.values[i].index_select(2, idx)
         self.positions, self.utt, self.eou = self.positions[idx], self.utt[idx], self.eou[idx]
+        self.rope_pos = self.rope_pos[idx]
+
+    def clear(self) -> None:
+        self.keep(torch.zeros(len(self), dtype=torch.bool))
+
+    def reposition(self, rotary, target: torch.Tensor) -> None:
+        """Re-rotate every cached key from ``rope_pos`` to ``target`` positions (RoPE rotations compose)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        delta = (target - self.rope_pos).view(1, -1)
+        if len(self) == 0 or bool((delta == 0).all()):
+            self.rope_pos = target.clone()
+            return
+        for i in range(self.num_layers):
+            k = self.keys[i]
+            cos, sin = rotary(k, delta.to(k.device))
+            self.keys[i] = apply_rotary_pos_emb(k, k, cos, sin)[1]
+        self.rope_pos = target.clone()
 
 
 class StreamAttention:
@@ -81,59 +106,122 @@ class StreamAttention:
 
 
 class DensePolicy:
+    """Keep everything."""
+
     name = "dense"
 
-    def before_utterance(self, store: KVStore, utt: int) -> None:
+    def before_utterance(self, conv, utt: int) -> None:
+        pass
+
+    def after_forward(self, conv) -> None:
         pass
 
 
-class StreamingDialoguePolicy:
+class StreamingDialoguePolicy(DensePolicy):
     """Keep BOS (utt 0), every EoU, and the utterances ``utt - 1`` and ``utt`` when utterance ``utt`` starts."""
 
     name = "streamingdialogue"
 
-    def before_utterance(self, store: KVStore, utt: int) -> None:
+    def before_utterance(self, conv, utt: int) -> None:
+        store = conv.store
         if len(store):
             store.keep((store.utt == 0) | store.eou | (store.utt >= utt - 1))
 
 
-POLICIES = {"dense": DensePolicy, "streamingdialogue": StreamingDialoguePolicy}
+class StreamingLLMPolicy(DensePolicy):
+    """Keep the first ``sink_tokens`` tokens and the last ``window`` tokens (after every forward)."""
+
+    name = "streamingllm"
+
+    def __init__(self, sink_tokens: int = 4, window: int = 256):
+        self.sink_tokens, self.window = sink_tokens, window
+
+    def after_forward(self, conv) -> None:
+        store = conv.store
+        n = len(store)
+        if n > self.sink_tokens + self.window:
+            idx = torch.arange(n)
+            store.keep((idx < self.sink_tokens) | (idx >= n - self.window))
 
 
-def make_policy(name: str):
-    if name not in POLICIES:
-        raise ValueError(f"cache policy {name!r} is not available; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name]()
+class RecomputePolicy(DensePolicy):
+    """At every utterance: drop the cache and re-encode the last ``window`` tokens of the conversation."""
+
+    name = "recompute"
+
+    def __init__(self, window: int = 256):
+        self.window = window
+
+    def before_utterance(self, conv, utt: int) -> None:
+        conv.store.clear()
+        history = conv.history[-self.window:]
+        if history:
+            tokens, utts, eous, positions = zip(*history)
+            conv.forward(list(tokens), list(eous), utts=list(utts), positions=list(positions), record=False)
+
+
+def make_policy(name: str, sink_tokens: int = 4, window: int = 256):
+    if name == "dense":
+        return DensePolicy()
+    if name == "streamingdialogue":
+        return StreamingDialoguePolicy()
+    if name == "streamingllm":
+        return StreamingLLMPolicy(sink_tokens, window)
+    if name == "recompute":
+        return RecomputePolicy(window)
+    raise ValueError(f"unknown cache policy {name!r}; choose dense, streamingllm, streamingdialogue or recompute")
 
 
 class Conversation:
-    """One conversation decoded turn by turn: ``[BOS] u1 EoU u2 EoU ...`` with a pruned KV cache."""
+    """One conversation decoded turn by turn: ``[BOS] u1 EoU u2 EoU ...`` with a policy-pruned KV cache.
 
-    def __init__(self, model, bos_id: int, eou_id: int, policy="streamingdialogue"):
+    ``positions``: 'absolute' (new tokens continue the dialogue's numbering; cached keys keep theirs) or 'cache'
+    (keys re-rotated to their index in the cache, new tokens numbered after them). StreamingLLM always uses
+    'cache'; recompute re-encodes its window at positions 0..w-1."""
+
+    def __init__(self, model, bos_id: int, eou_id: int, policy="streamingdialogue", positions: str = "absolute",
+                 sink_tokens: int = 4, window: int = 256):
         self.model, self.bos_id, self.eou_id = model, bos_id, eou_id
-        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.policy = make_policy(policy, sink_tokens, window) if isinstance(policy, str) else policy
+        self.positions = "cache" if self.policy.name == "streamingllm" else positions
         self.store = KVStore(model.config.num_hidden_layers)
         self.attn = StreamAttention(self.store)
+        self.rotary = _rotary_of(model)
+        self.history: list[tuple[int, int, bool, int]] = []  # (token, utt, eou, absolute position)
         self.next_position = 0
         self.utt = 0  # index of the current utterance (BOS is 0)
         self.in_utterance = False
-        self._feed([bos_id], eou=[False])
+        self.bos_logits = self._feed([bos_id], eou=[False])[0]
 
     @torch.no_grad()
-    def _feed(self, token_ids: list[int], eou: list[bool]) -> torch.Tensor:
-        """Run new tokens of the current utterance through the model; returns their logits ``(n, V)``."""
+    def forward(self, token_ids: list[int], eou: list[bool], utts: list[int], positions: list[int], record: bool = True) -> torch.Tensor:
+        """Run tokens through the model against the cache, then cache them; returns logits ``(n, V)``."""
         n = len(token_ids)
         device = self.model.device
-        positions = torch.arange(self.next_position, self.next_position + n)
-        ids = torch.tensor([token_ids], device=device)
-        out = self.model(input_ids=ids, position_ids=positions[None].to(device), convsink_attn=self.attn, use_cache=False)
-        self.store.commit(positions, torch.full((n,), self.utt), torch.tensor(eou))
-        self.next_position += n
+        absolute = torch.tensor(positions)
+        if self.positions == "cache" or self.policy.name == "recompute":
+            self.store.reposition(self.rotary, torch.arange(len(self.store)))
+            rope = torch.arange(len(self.store), len(self.store) + n)
+        else:
+            rope = absolute
+        out = self.model(input_ids=torch.tensor([token_ids], device=device), position_ids=rope[None].to(device),
+                         convsink_attn=self.attn, use_cache=False)
+        self.store.commit(absolute, torch.tensor(utts), torch.tensor(eou), rope_pos=rope)
+        if record:
+            self.history += list(zip(token_ids, utts, eou, positions))
+        self.policy.after_forward(self)
         return out.logits[0]
+
+    def _feed(self, token_ids: list[int], eou: list[bool]) -> torch.Tensor:
+        """New tokens of the current utterance, at the next absolute positions."""
+        n = len(token_ids)
+        positions = list(range(self.next_position, self.next_position + n))
+        self.next_position += n
+        return self.forward(token_ids, eou, [self.utt] * n, positions)
 
     def start_utterance(self) -> None:
         self.utt += 1
-        self.policy.before_utterance(self.store, self.utt)
+        self.policy.before_utterance(self, self.utt)
         self.in_utterance = True
 
     def add_utterance(self, token_ids: list[int]) -> torch.Tensor:
@@ -170,6 +258,14 @@ class Conversation:
 
     def cache_info(self) -> dict:
         return {"positions": len(self.store), "kv_bytes": self.store.nbytes(), "utterances": self.utt}
+
+
+def _rotary_of(model):
+    """The model's rotary embedding module (Llama family: ``model.model.rotary_emb``)."""
+    for name, module in model.named_modules():
+        if name.endswith("rotary_emb"):
+            return module
+    return None
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, generator=None) -> int:

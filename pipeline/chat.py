@@ -33,7 +33,8 @@ def run_chat(model_dir: str, turns: list[str] | None, cfg: ChatConfig, show_cach
     """Chat: ``turns`` are the user's utterances (None = read them from stdin until EOF or an empty line).
     Reply tokens are printed as they are generated; returns the replies."""
     model, tok, info = load_chat_model(model_dir)
-    conv = Conversation(model, info["bos_token_id"], info["eou_token_id"], policy=cfg.cache)
+    conv = Conversation(model, info["bos_token_id"], info["eou_token_id"], policy=cfg.cache, positions=cfg.positions,
+                        sink_tokens=cfg.sink_tokens, window=cfg.window)
     generator = torch.Generator().manual_seed(cfg.seed)
     replies = []
     source = iter(turns) if turns is not None else _stdin_turns(out)

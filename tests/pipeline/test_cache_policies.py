@@ -1,0 +1,83 @@
+"""Cache policies: what each holds after every turn, StreamingLLM with a covering window equals dense, and key
+re-rotation equals RoPE applied at the new positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_prep.tokenizer import prepare_tokenizer
+from pipeline.cache import Conversation, KVStore
+from pipeline.config import ModelConfig
+from pipeline.model import build_model
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer, shared_data):
+    from data_prep.adapters import iter_dialogues
+
+    torch.manual_seed(0)
+    ids = prepare_tokenizer(tokenizer)
+    model = build_model(ModelConfig(hidden_size=64, intermediate_size=128), len(tokenizer), ids).eval()
+    d = next(iter(iter_dialogues(str(shared_data / "msc" / "session_2_test.jsonl"), "msc")))
+    utts = [tokenizer(t.text, add_special_tokens=False)["input_ids"] for t in d.turns[:10]]
+    return model, ids, utts
+
+
+def test_streamingllm_with_covering_window_equals_dense(setup):
+    model, ids, utts = setup
+    dense = Conversation(model, ids.bos, ids.eou, "dense")
+    sllm = Conversation(model, ids.bos, ids.eou, "streamingllm", sink_tokens=4, window=10_000)
+    for u in utts:
+        torch.testing.assert_close(sllm.add_utterance(u), dense.add_utterance(u), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("policy", ["dense", "streamingllm", "streamingdialogue", "recompute"])
+def test_each_policy_holds_exactly_its_positions(setup, policy):
+    model, ids, utts = setup
+    s, w = 4, 40
+    conv = Conversation(model, ids.bos, ids.eou, policy, sink_tokens=s, window=w)
+    ends, utt_of = [1], [0]  # end position (exclusive) of each utterance; utterance of each position
+    for t, u in enumerate(utts, start=1):
+        conv.add_utterance(u)
+        ends.append(ends[-1] + len(u) + 1)
+        utt_of += [t] * (len(u) + 1)
+        n = ends[-1]
+        eous = {e - 1 for e in ends[1:]}
+        if policy == "dense":
+            want = set(range(n))
+        elif policy == "streamingllm":
+            want = set(range(min(s, n))) | set(range(max(0, n - w), n))
+        elif policy == "streamingdialogue":
+            want = {0} | eous | {p for p in range(n) if utt_of[p] >= t - 1}
+        else:  # recompute: the last w tokens before this utterance, re-encoded, plus this utterance
+            start = ends[-2]
+            want = set(range(max(0, start - w), start)) | set(range(start, n))
+        assert set(conv.store.positions.tolist()) == want, (policy, t)
+
+
+def test_key_rerotation_equals_rope_at_new_positions(setup):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model, _, _ = setup
+    rotary = model.model.rotary_emb
+    raw = torch.randn(1, 2, 6, model.config.hidden_size // model.config.num_attention_heads)
+    old, new = torch.tensor([0, 5, 9, 17, 40, 41]), torch.arange(6)
+
+    def rope(x, pos):
+        cos, sin = rotary(x, pos[None])
+        return apply_rotary_pos_emb(x, x, cos, sin)[1]
+
+    store = KVStore(1)
+    store.keys, store.values, store.rope_pos = [rope(raw, old)], [raw.clone()], old.clone()
+    store.positions = old.clone()
+    store.reposition(rotary, new)
+    torch.testing.assert_close(store.keys[0], rope(raw, new), atol=1e-5, rtol=0)
+
+
+def test_streamingdialogue_cache_positions_stay_bounded(setup):
+    model, ids, utts = setup
+    conv = Conversation(model, ids.bos, ids.eou, "streamingdialogue", positions="cache")
+    for u in utts:
+        conv.add_utterance(u)
+    assert int(conv.store.rope_pos.max()) == len(conv.store) - 1 < conv.next_position - 1
