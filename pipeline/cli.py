@@ -6,6 +6,7 @@ Errors a user can fix (bad config, bad data, missing files) print one line and e
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -124,6 +125,34 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     return inner
 
 
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_model, references_from, score_predictions, write_result
+
+    if args.predictions:
+        if not args.references:
+            raise ValueError("--predictions needs --references INPUT")
+        if not os.path.isfile(args.predictions):
+            raise FileNotFoundError(f"{args.predictions}: predictions file not found")
+        with open(args.predictions) as f:
+            preds = json.load(f)
+        refs = references_from(args.references)
+        result = {"predictions_file": args.predictions, "references": args.references, "scores": score_predictions(preds, refs)}
+        write_result(result, args.out)
+        print(json.dumps(result["scores"], indent=1))
+    else:
+        if not args.model or not args.data:
+            raise ValueError("give --model DIR --data INPUT..., or --predictions FILE --references INPUT...")
+        from .config import load_config
+
+        cfg = load_config(args.config, list(args.overrides))
+        r = evaluate_model(args.model, args.data, args.out, cache=args.cache or cfg.chat.cache, mask=args.mask,
+                           limit=args.limit, max_new_tokens=cfg.chat.max_new_tokens, chat_cfg=cfg.chat)
+        print(f"ppl ({args.mask} mask) {r['perplexity']['ppl']:.3f}; BLEU-avg {r['generation']['bleu_avg']:.3f}; "
+              f"recall F1 {r['recall_probe']['token_f1']:.3f}")
+    print(f"eval: wrote {args.out} and {os.path.splitext(args.out)[0]}.md")
+    return 0
+
+
 def cmd_run(args) -> int:
     from .config import load_config
     from .run import run_recipe
@@ -168,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show-cache", action="store_true", help="print the cache size after every turn")
     s.add_argument("overrides", nargs="*", help=_overrides_help())
     s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("eval", help="perplexity, generation metrics and a recall probe (or score existing predictions)")
+    s.add_argument("--model", help="exported model folder")
+    s.add_argument("--data", nargs="+", help="dialogue files")
+    s.add_argument("--cache", choices=["dense", "streamingllm", "streamingdialogue", "recompute"], help="cache policy for generation")
+    s.add_argument("--mask", default="dialogue", choices=["dialogue", "causal", "local", "streamingllm", "bigbird"], help="mask for perplexity")
+    s.add_argument("--limit", type=int, default=20, help="dialogues to evaluate")
+    s.add_argument("--predictions", help="JSON list of generated strings to score (no model needed)")
+    s.add_argument("--references", nargs="+", help="dialogue files whose last utterances are the references")
+    s.add_argument("--config", help="YAML recipe (its chat: section is used)")
+    s.add_argument("--out", required=True, help="JSON output (a Markdown table is written next to it)")
+    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("run", help="prep → train → export → one chat reply, from one recipe")
     s.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
