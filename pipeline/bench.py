@@ -146,6 +146,93 @@ def bench_prep(out: str, data_dir: str | None = None, workers: int | None = None
     return result
 
 
+def long_conversation(tokenizer, data_dir: str, n_utterances: int) -> list[list[int]]:
+    """Utterances of MSC episodes back to back, as one conversation of ``n_utterances`` utterances."""
+    from data_prep.adapters import iter_dialogues
+
+    texts = []
+    for name in sorted(os.listdir(os.path.join(data_dir, "msc"))):
+        for d in iter_dialogues(os.path.join(data_dir, "msc", name), "msc"):
+            texts += [t.text for t in d.turns]
+            if len(texts) >= n_utterances:
+                return tokenizer(texts[:n_utterances], add_special_tokens=False)["input_ids"]
+    raise ValueError(f"only {len(texts)} utterances available")
+
+
+def bench_inference(model_dir: str, out: str, utterances=(100, 200, 500, 1000, 2000), policies=None,
+                    decode_tokens: int = 8, window: int = 256, sink_tokens: int = 4, data_dir: str | None = None,
+                    time_budget_s: float = 900.0) -> dict:
+    """K/V bytes held and per-token decode latency of each cache policy on the same model and conversation.
+
+    The conversation is teacher-forced utterance by utterance; at each checkpoint a reply of ``decode_tokens``
+    tokens is decoded (greedy, then closed with EoU) and timed per token, including the re-encoding a policy does
+    when the reply starts (recompute re-encodes its window). A policy that exceeds ``time_budget_s`` stops and the
+    skipped points are listed in the JSON."""
+    from .cache import Conversation
+    from .chat import load_chat_model
+
+    data_dir = data_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+    policies = policies or ["dense", "recompute", "streamingllm", "streamingdialogue"]
+    model, tok, info = load_chat_model(model_dir)
+    convo = long_conversation(tok, data_dir, max(utterances))
+    rows, skipped = [], []
+    for policy in policies:
+        conv = Conversation(model, info["bos_token_id"], info["eou_token_id"], policy, sink_tokens=sink_tokens, window=window)
+        t_start, done = time.perf_counter(), 0
+        for target in sorted(utterances):
+            if time.perf_counter() - t_start > time_budget_s:
+                skipped.append({"policy": policy, "utterances": target, "reason": f"time budget {time_budget_s}s"})
+                continue
+            last = None
+            for u in convo[done:target]:
+                last = conv.add_utterance(u)[-1]
+            done = target
+            kv_bytes, positions = conv.store.nbytes(), len(conv.store)
+            t0 = time.perf_counter()
+            reply = conv.generate(last, decode_tokens)
+            per_token = (time.perf_counter() - t0) / (len(reply) + 1)
+            rows.append({"policy": policy, "utterances": target, "kv_bytes": kv_bytes, "cached_positions": positions,
+                         "ms_per_token": 1000 * per_token, "conversation_tokens": conv.next_position})
+            print(json.dumps(rows[-1]), flush=True)
+    by = {(r["policy"], r["utterances"]): r for r in rows}
+    ratios = {}
+    for n in utterances:
+        sd = by.get(("streamingdialogue", n))
+        if sd is None:
+            continue
+        if ("dense", n) in by:
+            ratios.setdefault(str(n), {})["memory_dense_over_streamingdialogue"] = by[("dense", n)]["kv_bytes"] / sd["kv_bytes"]
+        if ("recompute", n) in by:
+            ratios.setdefault(str(n), {})["latency_recompute_over_streamingdialogue"] = by[("recompute", n)]["ms_per_token"] / sd["ms_per_token"]
+            ratios[str(n)]["memory_recompute_over_streamingdialogue"] = by[("recompute", n)]["kv_bytes"] / sd["kv_bytes"]
+    result = {"model": os.path.abspath(model_dir), "setting": {"decode_tokens": decode_tokens, "window": window,
+              "sink_tokens": sink_tokens, "threads": torch.get_num_threads(), "device": "cpu"},
+              "rows": rows, "ratios": ratios, "skipped": skipped}
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    _plot_inference(result, os.path.splitext(out)[0] + ".png")
+    return result
+
+
+def _plot_inference(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for policy in sorted({r["policy"] for r in result["rows"]}):
+        pts = [r for r in result["rows"] if r["policy"] == policy]
+        a.plot([r["utterances"] for r in pts], [r["kv_bytes"] / 2**20 for r in pts], marker="o", label=policy)
+        b.plot([r["utterances"] for r in pts], [r["ms_per_token"] for r in pts], marker="o", label=policy)
+    a.set(xlabel="utterances", ylabel="K/V cache (MiB)", title="memory held", yscale="log")
+    b.set(xlabel="utterances", ylabel="ms per decoded token", title="decode latency", yscale="log")
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["_measure"]:
     args = json.loads(sys.stdin.read())
     print(json.dumps(_measure(**args)))

@@ -107,6 +107,16 @@ def cmd_bench_prep(args) -> int:
     return 0
 
 
+def cmd_bench_inference(args) -> int:
+    from .bench import bench_inference
+
+    r = bench_inference(args.model, args.out, utterances=tuple(args.utterances), window=args.window, time_budget_s=args.time_budget)
+    for n, ratio in r["ratios"].items():
+        print(f"{n} utterances: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratio.items()))
+    print(f"bench: wrote {args.out} and {os.path.splitext(args.out)[0]}.png")
+    return 0
+
+
 def _bench_parser(sub) -> argparse._SubParsersAction:
     """``convsink bench <what>``: benchmarks that write JSON (siblings: attention, prep, inference)."""
     bench = sub.add_parser("bench", help="benchmarks (write JSON)")
@@ -122,6 +132,13 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--out", required=True, help="JSON output file")
     s.add_argument("--workers", type=int, help="Ray workers (default: all CPUs)")
     s.set_defaults(fn=cmd_bench_prep)
+    s = inner.add_parser("inference", help="K/V bytes and per-token decode latency per cache policy vs utterances")
+    s.add_argument("--model", required=True, help="exported model folder")
+    s.add_argument("--out", required=True, help="JSON output (a PNG plot is written next to it)")
+    s.add_argument("--utterances", type=int, nargs="+", default=[100, 200, 500, 1000, 2000], help="checkpoints")
+    s.add_argument("--window", type=int, default=256, help="streamingllm / recompute window")
+    s.add_argument("--time-budget", type=float, default=900.0, help="seconds per policy before skipping points")
+    s.set_defaults(fn=cmd_bench_inference)
     return inner
 
 
