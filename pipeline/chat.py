@@ -18,11 +18,20 @@ def load_chat_model(model_dir: str):
 
     from .attention import register
 
-    info_path = os.path.join(model_dir, "convsink.json")
-    if not os.path.isfile(info_path):
-        raise FileNotFoundError(f"{model_dir}: no convsink.json (export a run with `convsink export`)")
-    with open(info_path) as f:
-        info = json.load(f)
+    if model_dir == "smollm2":  # the bundled real small model, untrained for sinks: EoU = its EOS <|im_end|>
+        from data_prep.tokenizer import load_tokenizer, prepare_tokenizer
+
+        from .model import smollm2_model_dir
+
+        ids = prepare_tokenizer(load_tokenizer("smollm2"))
+        model_dir = smollm2_model_dir()
+        info = {"bos_token_id": ids.bos, "eou_token_id": ids.eou, "pad_token_id": ids.pad}
+    else:
+        info_path = os.path.join(model_dir, "convsink.json")
+        if not os.path.isfile(info_path):
+            raise FileNotFoundError(f"{model_dir}: no convsink.json (export a run with `convsink export`, or use --model smollm2)")
+        with open(info_path) as f:
+            info = json.load(f)
     register()
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="convsink").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
