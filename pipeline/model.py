@@ -38,8 +38,13 @@ def smollm2_model_dir() -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    config = copy.deepcopy(loaded.config)  # the weights are dequantized fp32; drop the GGUF quantization marker
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     tmp = f"{out}.tmp-{os.getpid()}"
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
