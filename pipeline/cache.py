@@ -260,6 +260,87 @@ class Conversation:
         return {"positions": len(self.store), "kv_bytes": self.store.nbytes(), "utterances": self.utt}
 
 
+class BatchStreamAttention:
+    """Decoding step for several conversations at once: each row's new keys are attended together with its own
+    cache, the caches padded to the longest and the padding masked out."""
+
+    def __init__(self, stores: list[KVStore]):
+        self.stores = stores
+
+    def layer_call(self, module, query, key, value, scaling):
+        # query (B, H, 1, D); key/value (B, Hkv, 1, D)
+        i = module.layer_idx
+        lengths = [len(st) for st in self.stores]
+        smax = max(lengths)
+        B, hkv, _, D = key.shape
+        keys = key.new_zeros(B, hkv, smax + 1, D)
+        values = value.new_zeros(B, hkv, smax + 1, D)
+        mask = torch.zeros(B, 1, 1, smax + 1, dtype=torch.bool, device=query.device)
+        for b, st in enumerate(self.stores):
+            st._pending[i] = (key[b:b + 1].detach(), value[b:b + 1].detach())
+            n = lengths[b]
+            if n:
+                keys[b, :, :n], values[b, :, :n] = st.keys[i][0], st.values[i][0]
+            keys[b, :, smax], values[b, :, smax] = key[b, :, 0], value[b, :, 0]
+            mask[b, 0, 0, :n] = True
+            mask[b, 0, 0, smax] = True
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                              enable_gqa=hkv != query.shape[1])
+
+
+@torch.no_grad()
+def decode_step(convs: list["Conversation"], tokens: list[int]) -> torch.Tensor:
+    """Feed one token to each conversation in one batched forward; returns logits ``(B, V)``. Each conversation
+    keeps its own policy, positions and cache (utterance starts, pruning and re-encoding happen per row)."""
+    model = convs[0].model
+    rope, absolute = [], []
+    for conv, token in zip(convs, tokens):
+        if not conv.in_utterance:
+            conv.start_utterance()
+        if conv.positions == "cache" or conv.policy.name == "recompute":
+            conv.store.reposition(conv.rotary, torch.arange(len(conv.store)))
+            rope.append(len(conv.store))
+        else:
+            rope.append(conv.next_position)
+        absolute.append(conv.next_position)
+    device = model.device
+    out = model(input_ids=torch.tensor(tokens, device=device)[:, None], position_ids=torch.tensor(rope, device=device)[:, None],
+                convsink_attn=BatchStreamAttention([c.store for c in convs]), use_cache=False)
+    for conv, token, r, a in zip(convs, tokens, rope, absolute):
+        is_eou = token == conv.eou_id
+        conv.store.commit(torch.tensor([a]), torch.tensor([conv.utt]), torch.tensor([is_eou]), rope_pos=torch.tensor([r]))
+        conv.history.append((token, conv.utt, is_eou, a))
+        conv.next_position += 1
+        conv.policy.after_forward(conv)
+        if is_eou:
+            conv.in_utterance = False
+    return out.logits[:, -1]
+
+
+def generate_batch(convs: list["Conversation"], last_logits: list[torch.Tensor], max_new_tokens: int,
+                   temperature: float = 0.0, top_k: int = 0, generator=None) -> list[list[int]]:
+    """Generate the next utterance of every conversation, decoding them together; each reply ends at its own EoU."""
+    replies: list[list[int]] = [[] for _ in convs]
+    logits = list(last_logits)
+    active = list(range(len(convs)))
+    for _ in range(max_new_tokens):
+        tokens = {b: sample(logits[b], temperature, top_k, generator) for b in active}
+        finished = [b for b in active if tokens[b] == convs[b].eou_id]
+        active = [b for b in active if b not in finished]
+        if finished:  # close those utterances with their EoU
+            for b, lg in zip(finished, decode_step([convs[b] for b in finished], [convs[b].eou_id for b in finished])):
+                convs[b].last_logits = lg
+        if not active:
+            return replies
+        for b in active:
+            replies[b].append(tokens[b])
+        for b, lg in zip(active, decode_step([convs[b] for b in active], [tokens[b] for b in active])):
+            logits[b] = lg
+    for b, lg in zip(active, decode_step([convs[b] for b in active], [convs[b].eou_id for b in active])):
+        convs[b].last_logits = lg
+    return replies
+
+
 def _rotary_of(model):
     """The model's rotary embedding module (Llama family: ``model.model.rotary_emb``)."""
     for name, module in model.named_modules():

@@ -81,3 +81,29 @@ def test_streamingdialogue_cache_positions_stay_bounded(setup):
     for u in utts:
         conv.add_utterance(u)
     assert int(conv.store.rope_pos.max()) == len(conv.store) - 1 < conv.next_position - 1
+
+
+@pytest.mark.parametrize("policy", ["streamingdialogue", "streamingllm", "dense"])
+def test_conversations_decode_in_one_batch_like_alone(setup, policy):
+    from pipeline.cache import generate_batch
+
+    model, ids, utts = setup
+    histories = [utts[:3], utts[2:7], utts[5:6]]  # different lengths → different cache sizes
+    alone, batched = [], []
+    for h in histories:
+        conv = Conversation(model, ids.bos, ids.eou, policy, sink_tokens=4, window=30)
+        for u in h:
+            last = conv.add_utterance(u)[-1]
+        alone.append((conv.generate(last, 6), conv.last_logits))
+    convs, lasts = [], []
+    for h in histories:
+        conv = Conversation(model, ids.bos, ids.eou, policy, sink_tokens=4, window=30)
+        for u in h:
+            last = conv.add_utterance(u)[-1]
+        convs.append(conv)
+        lasts.append(last)
+    replies = generate_batch(convs, lasts, 6)
+    for (reply, last_logits), r, conv in zip(alone, replies, convs):
+        assert r == reply
+        torch.testing.assert_close(conv.last_logits, last_logits, atol=1e-4, rtol=0)
+        assert not conv.in_utterance
