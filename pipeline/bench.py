@@ -184,7 +184,12 @@ def bench_inference(model_dir: str, out: str, utterances=(100, 200, 500, 1000, 2
                 skipped.append({"policy": policy, "utterances": target, "reason": f"time budget {time_budget_s}s"})
                 continue
             last = None
-            for u in convo[done:target]:
+            todo = convo[done:target]
+            if policy == "recompute":  # its state is rebuilt from the history at every utterance: skip the rest
+                for u in todo[:-1]:
+                    conv.record_utterance(u)
+                todo = todo[-1:]
+            for u in todo:
                 last = conv.add_utterance(u)[-1]
             done = target
             kv_bytes, positions = conv.store.nbytes(), len(conv.store)

@@ -231,6 +231,17 @@ class Conversation:
         self.in_utterance = False
         return logits
 
+    def record_utterance(self, token_ids: list[int]) -> None:
+        """Append an utterance to the history without running the model: exact for ``recompute``, whose state
+        at the next utterance is rebuilt from the history alone (used to fast-forward benchmarks)."""
+        if self.policy.name != "recompute":
+            raise ValueError("record_utterance is only exact for the recompute policy")
+        self.utt += 1
+        n = len(token_ids) + 1
+        self.history += list(zip(list(token_ids) + [self.eou_id], [self.utt] * n, [False] * (n - 1) + [True],
+                                 range(self.next_position, self.next_position + n)))
+        self.next_position += n
+
     def feed_token(self, token_id: int) -> torch.Tensor:
         """Feed one token of the current utterance (an EoU ends it); returns its logits ``(V,)``."""
         if not self.in_utterance:

@@ -107,3 +107,14 @@ def test_conversations_decode_in_one_batch_like_alone(setup, policy):
         assert r == reply
         torch.testing.assert_close(conv.last_logits, last_logits, atol=1e-4, rtol=0)
         assert not conv.in_utterance
+
+
+def test_recompute_fast_forward_equals_processing_every_utterance(setup):
+    model, ids, utts = setup
+    full = Conversation(model, ids.bos, ids.eou, "recompute", window=30)
+    fast = Conversation(model, ids.bos, ids.eou, "recompute", window=30)
+    for u in utts[:-1]:
+        full.add_utterance(u)
+        fast.record_utterance(u)
+    torch.testing.assert_close(fast.add_utterance(utts[-1]), full.add_utterance(utts[-1]), atol=1e-5, rtol=0)
+    assert torch.equal(fast.store.positions, full.store.positions)
