@@ -57,9 +57,14 @@ class LocalRayCluster:
     def submit(self, entrypoint: list[str], working_dir: str, timeout: float = 600) -> subprocess.CompletedProcess:
         ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
         runtime_env = '{"excludes": [".venv", ".git", "runs", "bench", "*.parquet"], "env_vars": {"WANDB_MODE": "offline", "RAY_AUTH_MODE": "disabled"}}'
-        return subprocess.run([ray_bin, "job", "submit", "--address", self.address, "--working-dir", working_dir,
-                               "--runtime-env-json", runtime_env, "--", *entrypoint],
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        cmd = [ray_bin, "job", "submit", "--address", self.address, "--working-dir", working_dir,
+               "--runtime-env-json", runtime_env, "--", *entrypoint]
+        for _ in range(24):  # the dashboard answers before its job agent is up, more so on a loaded machine
+            proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+            if proc.returncode == 0 or "No available agent to submit job" not in proc.stderr + proc.stdout:
+                return proc
+            time.sleep(5)
+        return proc
 
     def stop(self) -> None:
         """SIGTERM every process this cluster started (the `ray start --block` process and its descendants),
