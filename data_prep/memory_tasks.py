@@ -7,9 +7,18 @@ LMR ``[BOS] (q EoU r EoU) × l + a repeat of one earlier pair``: l consecutive p
     Loss on the whole history and the repeated query (+ its EoU); on the repeated response too when
     ``supervise_repeated_response`` (the paper's text) — off by default, as in the reference code.
 
-A sample longer than ``seq_len`` keeps fewer utterances / pairs (as many as fit); an LMR sample needs at least
-2 pairs. Dialogues that cannot give one are counted in the manifest (``lmr_skipped_dialogues``), never dropped
-silently.
+Sampling (sample i uses ``numpy.random.default_rng([seed, 1 (SMR) | 2 (LMR), i])``, so any range of samples can
+be built anywhere and the result does not depend on who built it):
+
+* SMR: s distinct dialogues (unrelated utterances), one utterance drawn from each. Utterances that cannot fit a
+  sample on their own (``1 + 2 * (len + 1) > seq_len``) are never drawn (counted: ``smr_long_utterances``).
+  When the s pairs do not fit ``seq_len``, the sample keeps the first ones that fit (s is reduced for that
+  sample, counted: ``smr_shortened``). Fewer than s eligible dialogues also reduce s.
+* LMR: a dialogue with at least 4 utterances (2 pairs; others are counted: ``lmr_ineligible_dialogues``), a
+  random start at a query (even utterance), ``min(l, utterances // 2)`` consecutive pairs (fewer than l:
+  counted ``lmr_shortened``). When ``[BOS] + pairs + the longest pair`` exceeds ``seq_len``, the oldest pairs
+  are dropped until it fits (``lmr_shortened``); below 2 pairs the sample is rejected, counted in
+  ``lmr_rejected_too_long`` and not replaced. The repeated pair is then drawn among the kept pairs.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import LMRConfig, SMRConfig
+from .items import items_table
 from .tokenize import IGNORE, TokenizedDialogue
 from .tokenizer import SpecialIds
 
@@ -55,52 +65,90 @@ def lmr_sample(name: str, pairs: list[tuple[list[int], list[int]]], repeat: int,
     return TokenizedDialogue(name, input_ids, labels, utt, eou, blk, "lmr")
 
 
-def build_smr(pool: list[list[int]], cfg: SMRConfig, ids: SpecialIds, seq_len: int, seed: int) -> tuple[list, dict]:
-    """``cfg.samples`` SMR samples of ``cfg.utterances_per_sample`` utterances drawn from ``pool``."""
-    usable = [u for u in pool if 1 + 2 * (len(u) + 1) <= seq_len]
-    stats = {"smr_samples": 0, "smr_shortened": 0, "smr_utterance_pool": len(usable)}
-    if cfg.samples == 0:
-        return [], stats
-    if not usable:
+class Corpus:
+    """Tokenized kept dialogues as flat arrays (cheap to ship to workers): ``tokens`` of all utterances,
+    ``utt_offsets`` (n_utterances + 1) into tokens, ``dial_offsets`` (n_dialogues + 1) into utterances."""
+
+    def __init__(self, tokens: np.ndarray, utt_offsets: np.ndarray, dial_offsets: np.ndarray):
+        self.tokens, self.utt_offsets, self.dial_offsets = tokens, utt_offsets, dial_offsets
+
+    @classmethod
+    def from_lists(cls, dialogues: list[list[list[int]]]) -> "Corpus":
+        utts = [u for d in dialogues for u in d]
+        lens = np.fromiter((len(u) for u in utts), dtype=np.int64, count=len(utts))
+        tokens = np.fromiter((t for u in utts for t in u), dtype=np.int32, count=int(lens.sum()))
+        dial = np.fromiter((len(d) for d in dialogues), dtype=np.int64, count=len(dialogues))
+        return cls(tokens, np.concatenate([[0], np.cumsum(lens)]), np.concatenate([[0], np.cumsum(dial)]))
+
+    @property
+    def num_dialogues(self) -> int:
+        return len(self.dial_offsets) - 1
+
+    def utt_len(self) -> np.ndarray:
+        return np.diff(self.utt_offsets)
+
+    def utterance(self, u: int) -> list[int]:
+        return self.tokens[self.utt_offsets[u]:self.utt_offsets[u + 1]].tolist()
+
+
+def smr_plan(corpus: Corpus, seq_len: int) -> dict:
+    """What SMR sampling draws from: usable utterances grouped by dialogue (computed once, shared)."""
+    usable = 1 + 2 * (corpus.utt_len() + 1) <= seq_len
+    idx = np.nonzero(usable)[0]
+    dial_of = np.repeat(np.arange(corpus.num_dialogues), np.diff(corpus.dial_offsets))
+    per_dial = np.bincount(dial_of[idx], minlength=corpus.num_dialogues)
+    eligible = np.nonzero(per_dial)[0]
+    start = np.concatenate([[0], np.cumsum(per_dial)[:-1]])
+    return {"usable": idx, "per_dial": per_dial, "start": start, "eligible": eligible,
+            "long_utterances": int((~usable).sum())}
+
+
+def build_smr(corpus: Corpus, cfg: SMRConfig, ids: SpecialIds, seq_len: int, seed: int, start: int, stop: int,
+              plan: dict | None = None):
+    """SMR samples ``start .. stop-1`` → (items table, stats)."""
+    plan = plan or smr_plan(corpus, seq_len)
+    eligible = plan["eligible"]
+    if len(eligible) == 0:
         raise ValueError(f"no utterance fits an SMR sample of seq_len={seq_len}")
-    out = []
-    for i in range(cfg.samples):
+    out, shortened = [], 0
+    for i in range(start, stop):
         rng = np.random.default_rng([seed, 1, i])
-        pick = rng.choice(len(usable), size=min(cfg.utterances_per_sample, len(usable)), replace=False)
-        sample = smr_sample(f"smr-{i}", [usable[j] for j in pick], ids, seq_len)
-        stats["smr_shortened"] += sample.num_utterances // 2 < cfg.utterances_per_sample
+        s = min(cfg.utterances_per_sample, len(eligible))
+        dials = eligible[rng.choice(len(eligible), size=s, replace=False)]
+        picks = [int(plan["usable"][plan["start"][d] + rng.integers(plan["per_dial"][d])]) for d in dials]
+        sample = smr_sample(f"smr-{i}", [corpus.utterance(u) for u in picks], ids, seq_len)
+        shortened += sample.num_utterances // 2 < cfg.utterances_per_sample
         out.append(sample)
-    stats["smr_samples"] = len(out)
-    return out, stats
+    return items_table(out), {"smr_samples": len(out), "smr_shortened": shortened}
 
 
-def build_lmr(dialogues: list[list[list[int]]], cfg: LMRConfig, ids: SpecialIds, seq_len: int, seed: int) -> tuple[list, dict]:
-    """``cfg.samples`` LMR samples, each from ``cfg.pairs_per_sample`` consecutive pairs of one dialogue."""
-    stats = {"lmr_samples": 0, "lmr_shortened": 0, "lmr_skipped_dialogues": 0}
-    if cfg.samples == 0:
-        return [], stats
-    eligible = [d for d in dialogues if len(d) >= 4]
-    stats["lmr_skipped_dialogues"] = len(dialogues) - len(eligible)
-    if not eligible:
+def build_lmr(corpus: Corpus, cfg: LMRConfig, ids: SpecialIds, seq_len: int, seed: int, start: int, stop: int):
+    """LMR samples ``start .. stop-1`` → (items table, stats)."""
+    n_utts = np.diff(corpus.dial_offsets)
+    eligible = np.nonzero(n_utts >= 4)[0]
+    if len(eligible) == 0:
         raise ValueError("no dialogue has the 4 utterances (2 pairs) an LMR sample needs")
-    out = []
-    for i in range(cfg.samples):
+    lens = corpus.utt_len()
+    out, shortened, rejected = [], 0, 0
+    for i in range(start, stop):
         rng = np.random.default_rng([seed, 2, i])
-        d = eligible[int(rng.integers(len(eligible)))]
-        n_pairs = min(cfg.pairs_per_sample, len(d) // 2)
-        first = 2 * int(rng.integers(len(d) // 2 - n_pairs + 1))
-        pairs = [(d[first + 2 * p], d[first + 2 * p + 1]) for p in range(n_pairs)]
-        while len(pairs) >= 2:
-            repeat = int(rng.integers(len(pairs) - 1)) if len(pairs) > 1 else 0
-            sample = lmr_sample(f"lmr-{i}", pairs, repeat, ids, cfg.supervise_repeated_response)
-            if len(sample) <= seq_len:
-                break
-            pairs = pairs[1:]  # drop the oldest pair until it fits
-        else:
+        d = int(eligible[rng.integers(len(eligible))])
+        first_utt, n = int(corpus.dial_offsets[d]), int(n_utts[d])
+        n_pairs = min(cfg.pairs_per_sample, n // 2)
+        first = first_utt + 2 * int(rng.integers(n // 2 - n_pairs + 1))
+        pair_len = [int(lens[first + 2 * p] + lens[first + 2 * p + 1] + 2) for p in range(n_pairs)]
+        drop = 0
+        while n_pairs - drop >= 2 and 1 + sum(pair_len[drop:]) + max(pair_len[drop:]) > seq_len:
+            drop += 1
+        if n_pairs - drop < 2:
+            rejected += 1
             continue
-        stats["lmr_shortened"] += len(pairs) < cfg.pairs_per_sample
-        out.append(sample)
-    stats["lmr_samples"] = len(out)
-    if len(out) < cfg.samples:
-        stats["lmr_rejected_too_long"] = cfg.samples - len(out)
-    return out, stats
+        pairs = [(corpus.utterance(first + 2 * p), corpus.utterance(first + 2 * p + 1)) for p in range(drop, n_pairs)]
+        repeat = int(rng.integers(len(pairs)))
+        out.append(lmr_sample(f"lmr-{i}", pairs, repeat, ids, cfg.supervise_repeated_response))
+        shortened += len(pairs) < cfg.pairs_per_sample
+    return items_table(out), {"lmr_samples": len(out), "lmr_shortened": shortened, "lmr_rejected_too_long": rejected}
+
+
+def lmr_ineligible(corpus: Corpus) -> int:
+    return int((np.diff(corpus.dial_offsets) < 4).sum())

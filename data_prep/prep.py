@@ -1,7 +1,15 @@
-"""Single-process data preparation: read → validate → tokenize → window → pack → Parquet shards + manifest.
+"""Data preparation: inputs → validated, tokenized, windowed dialogues (+ SMR/LMR samples) → packed Parquet shards
++ ``manifest.json``.
+
+    prepare(inputs, out, cfg)  # the entry point of `convsink prep` and of `python -m ray_jobs.prep`
+
+Steps: resolve inputs (paths, globs, URIs) → hash them (fingerprint; an output with the same fingerprint is
+reused) → read/validate/tokenize/window on the chosen engine (``ray``: Ray Data, ``local``: the single-process
+reference loop; same bytes out) → memory-task samples → first-fit-decreasing plan → shards → manifest.
 
 The output folder is written under a temporary name and renamed when complete, so an interrupted or failed
-prep never leaves a folder with a manifest. Re-running with the same fingerprint reuses the output.
+prep never leaves a folder with a manifest. The manifest depends only on the inputs, the output-relevant config
+and the tokenizer (not on the engine or the number of workers); timings go to ``run.json``.
 """
 
 from __future__ import annotations
@@ -12,25 +20,38 @@ import os
 import shutil
 import time
 
-from tqdm import tqdm
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from .adapters import iter_dialogues
 from .config import DataConfig
-from .packing import build_row, pack_first_fit_decreasing
+from .items import ITEM_SCHEMA
+from .memory_tasks import Corpus, build_lmr, build_smr, lmr_ineligible, smr_plan
+from .packing import ffd_bins
+from .progress import Progress
+from .reader import input_metas
 from .schema import DataError
-from .shards import MANIFEST, sha256_file, write_shard
-from .tokenize import split_into_windows
+from .shards import MANIFEST, encode_shard
+from .sources import is_uri, resolve_inputs
 from .tokenizer import load_tokenizer, prepare_tokenizer
 
+FORMAT_VERSION = 2
+EXECUTION_FIELDS = ("engine", "workers", "chunk_records", "memory_chunk")  # never change the output
+KINDS = ("dialogue", "smr", "lmr")
 
-def _tokenizer_digest(tokenizer) -> str:
+
+def output_config(cfg: DataConfig) -> dict:
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in EXECUTION_FIELDS}
+
+
+def tokenizer_digest(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     return hashlib.sha256(json.dumps([vocab, tokenizer.all_special_tokens]).encode()).hexdigest()
 
 
-def fingerprint(inputs: list[dict], cfg: DataConfig, tok_digest: str) -> str:
-    payload = {"inputs": [(i["sha256"], i["format"]) for i in inputs], "config": cfg.model_dump(mode="json"),
-               "tokenizer": tok_digest, "format_version": 1}
+def fingerprint(metas: list[dict], cfg: DataConfig, tok_digest: str) -> str:
+    payload = {"inputs": [(m["name"], m["sha256"], m["format"]) for m in metas], "config": output_config(cfg),
+               "tokenizer": tok_digest, "format_version": FORMAT_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -43,14 +64,18 @@ def _existing_fingerprint(out: str) -> str | None:
 
 
 def prepare(inputs: list[str], out: str, cfg: DataConfig, progress: bool = True) -> dict:
-    """Prepare dialogue shards from ``inputs`` into ``out``; return the manifest."""
-    for p in inputs:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p}: input file not found")
+    """Prepare shards from ``inputs`` (paths, glob patterns or URIs) into the local folder ``out``; return the
+    manifest."""
+    if is_uri(out):
+        raise ValueError(f"{out}: --out must be a local (or mounted shared) folder")
+    paths = resolve_inputs(list(inputs))
+    if not paths:
+        raise ValueError("no input files given")
     tokenizer = load_tokenizer(cfg.tokenizer)
     ids = prepare_tokenizer(tokenizer, cfg.eou, cfg.eou_token)
-    in_meta = [{"path": os.path.abspath(p), "sha256": sha256_file(p), "format": cfg.format} for p in inputs]
-    fp = fingerprint(in_meta, cfg, _tokenizer_digest(tokenizer))
+    metas = input_metas(paths, cfg)
+    digest = tokenizer_digest(tokenizer)
+    fp = fingerprint(metas, cfg, digest)
     if _existing_fingerprint(out) == fp:
         with open(os.path.join(out, MANIFEST)) as f:
             return json.load(f)
@@ -61,7 +86,7 @@ def prepare(inputs: list[str], out: str, cfg: DataConfig, progress: bool = True)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        manifest = _prepare_into(inputs, in_meta, tmp, cfg, tokenizer, ids, fp, progress)
+        manifest = _prepare_into(paths, metas, tmp, cfg, tokenizer, ids, fp, digest, progress)
         if os.path.isdir(out):
             shutil.rmtree(out)
         os.rename(tmp, out)
@@ -71,128 +96,244 @@ def prepare(inputs: list[str], out: str, cfg: DataConfig, progress: bool = True)
         raise
 
 
-def _read_records(inputs, in_meta, cfg, rejected, counts, progress):
-    """All input records in order; adapter errors are raised or quarantined here."""
-    good = []
-    with tqdm(desc="prep: read", unit=" records", disable=not progress, mininterval=2.0) as bar:
-        for path, meta in zip(inputs, in_meta):
-            meta.update(records=0, kept=0, rejected=0)
-            for rec in iter_dialogues(path, cfg.format):
-                if cfg.max_dialogues is not None and meta["records"] >= cfg.max_dialogues:
-                    break
-                meta["records"] += 1
-                counts["records"] += 1
-                bar.update(1)
-                if isinstance(rec, DataError):
-                    _reject(rec, cfg, rejected, counts, meta)
-                    continue
-                good.append((rec, meta))
-    return good
-
-
-def _reject(err: DataError, cfg, rejected, counts, meta) -> None:
-    if cfg.on_bad_record == "error":
-        raise err
-    rejected.append({"source": err.source, "line": err.line, "reason": err.reason})
-    meta["rejected"] += 1
-    counts["rejected"] += 1
-
-
-def _texts(dialogue, speaker_tags: bool) -> list[str]:
-    return [f"{t.speaker}: {t.text}" if speaker_tags and t.speaker else t.text for t in dialogue.turns]
-
-
-def _tokenize(good, cfg, tokenizer, tokenizer_dir, progress) -> list[list[list[int]]]:
-    texts = [_texts(d, cfg.speaker_tags) for d, _ in good]
+def make_engine(cfg: DataConfig, tokenizer, tokenizer_dir: str, ids):
     if cfg.engine == "ray":
-        from .ray_engine import tokenize_blocks
+        from .ray_engine import RayEngine
 
-        blocks = [texts[i:i + cfg.block_dialogues] for i in range(0, len(texts), cfg.block_dialogues)]
-        return [d for block in tokenize_blocks(blocks, tokenizer_dir, cfg.workers) for d in block]
+        return RayEngine(cfg, tokenizer, tokenizer_dir, ids)
+    from .local_engine import LocalEngine
+
+    return LocalEngine(cfg, tokenizer, tokenizer_dir, ids)
+
+
+# ---------------------------------------------------------------------------------------------- collection
+
+
+def _piece_tokens(table: pa.Table) -> int:
+    return int(pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0)
+
+
+def collect(stream, cfg: DataConfig, bar: Progress) -> pa.Table:
+    """All pieces, in input order. In ``error`` mode the first bad record (in input order) raises."""
+    tables = []
+    for table in stream:
+        if table.num_rows == 0:
+            continue
+        if cfg.on_bad_record == "error":
+            bad = pc.not_equal(table["error"], "")
+            if pc.any(bad).as_py():
+                row = table.filter(bad).slice(0, 1).to_pylist()[0]
+                line = int(row["line"]) if row["line"].isdigit() else row["line"]
+                raise DataError(row["source"], line, row["error"], row["code"])
+        tables.append(table)
+        bar.update(int(pc.sum(pc.equal(table["window"], 0)).as_py() or 0), _piece_tokens(table))
+    if not tables:
+        from .items import PIECE_SCHEMA
+
+        return PIECE_SCHEMA.empty_table()
+    return pa.concat_tables(tables)
+
+
+def _count(pieces: pa.Table, metas: list[dict]) -> tuple[dict, list[dict]]:
+    """Counts over the pieces: every record is kept or rejected; every token is in a window or rejected."""
+    error = pieces["error"].to_numpy(zero_copy_only=False)
+    rejected = error != ""
+    kept = ~rejected
+    window = pieces["window"].to_numpy()
+    first = window == 0
+    lengths = pc.list_value_length(pieces["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    fi = pieces["file_index"].to_numpy()
+    n_windows = pieces["windows"].to_numpy()
+    dialogues = int((kept & first).sum())
+    windows = int(kept.sum())
+    tokens_out = int(lengths[kept].sum())
+    codes = pieces["code"].to_numpy(zero_copy_only=False)[rejected]
+    counts = {
+        "records": int(first.sum()),
+        "dialogues": dialogues,
+        "rejected": int(rejected.sum()),
+        "rejected_by_reason": {c: int((codes == c).sum()) for c in sorted(set(codes.tolist()))},
+        "split_dialogues": int((kept & first & (n_windows > 1)).sum()),
+        "windows": windows,
+        "utterances": int(pieces["utterances"].to_numpy()[kept].sum()),
+        "tokens_in": tokens_out - (windows - dialogues),
+        "split_bos_tokens": windows - dialogues,
+        "tokens_out": tokens_out,
+        "tokens_rejected": int(pieces["tokens_rejected"].to_numpy().sum()),
+    }
+    per_input = []
+    for i, m in enumerate(metas):
+        mine = fi == i
+        per_input.append({k: v for k, v in m.items() if not k.startswith("_")} | {
+            "records": int((mine & first).sum()), "kept": int((mine & first & kept).sum()),
+            "rejected": int((mine & rejected).sum()), "tokens_out": int(lengths[mine & kept].sum())})
+    return counts, per_input
+
+
+def _rejected_records(pieces: pa.Table) -> list[dict]:
+    bad = pieces.filter(pc.not_equal(pieces["error"], "")).select(["source", "line", "code", "error", "tokens_rejected"])
     out = []
-    for t in tqdm(texts, desc="prep: tokenize", unit=" dialogues", disable=not progress, mininterval=2.0):
-        out.append(tokenizer(t, add_special_tokens=False)["input_ids"])
+    for r in bad.to_pylist():
+        line = int(r["line"]) if r["line"].isdigit() else r["line"]
+        out.append({"source": r["source"], "line": line, "code": r["code"], "reason": r["error"],
+                    "tokens": r["tokens_rejected"]})
     return out
 
 
-def _prepare_into(inputs, in_meta, tmp, cfg, tokenizer, ids, fp, progress) -> dict:
-    from .memory_tasks import build_lmr, build_smr
+def corpus_of(items: pa.Table, window: np.ndarray) -> Corpus:
+    """The kept dialogues' utterances (windows joined back), for the memory tasks."""
+    ids = items["input_ids"].combine_chunks().flatten().to_numpy()
+    utt = items["utt_ids"].combine_chunks().flatten().to_numpy()
+    eou = items["eou"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    content = (utt > 0) & ~eou
+    ends = np.nonzero(eou)[0]
+    csum = np.cumsum(content)
+    utt_offsets = np.concatenate([[0], csum[ends]]).astype(np.int64)
+    win_eou = np.add.reduceat(eou.astype(np.int64), _starts(items)) if items.num_rows else np.zeros(0, np.int64)
+    dial_id = np.cumsum(window == 0) - 1
+    per_dial = np.bincount(dial_id, weights=win_eou, minlength=int(dial_id[-1]) + 1 if len(dial_id) else 0)
+    dial_offsets = np.concatenate([[0], np.cumsum(per_dial)]).astype(np.int64)
+    return Corpus(ids[content].astype(np.int32), utt_offsets, dial_offsets)
 
-    t0 = time.time()
-    rejected: list[dict] = []
-    counts = {"records": 0, "dialogues": 0, "rejected": 0, "windows": 0, "split_dialogues": 0,
-              "utterances": 0, "tokens_in": 0}
-    good = _read_records(inputs, in_meta, cfg, rejected, counts, progress)
+
+def _starts(items: pa.Table) -> np.ndarray:
+    return items["input_ids"].combine_chunks().offsets.to_numpy()[:-1]
+
+
+# ---------------------------------------------------------------------------------------------- jobs (run on workers)
+
+
+def _memory_job(job, corpus: Corpus, cfg: dict, ids, seq_len: int, seed: int, plan=None):
+    kind, start, stop = job
+    conf = DataConfig.model_validate(cfg)
+    if kind == "smr":
+        return build_smr(corpus, conf.smr, ids, seq_len, seed, start, stop, plan)
+    return build_lmr(corpus, conf.lmr, ids, seq_len, seed, start, stop)
+
+
+def _shard_job(job, seq_len: int, pad_id: int):
+    name, items, row_of_item = job
+    data, entry = encode_shard(name, items, row_of_item, seq_len, pad_id)
+    return name, data, entry
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def _memory_items(engine, items: pa.Table, window: np.ndarray, cfg: DataConfig, ids) -> tuple[dict, dict]:
+    out, stats = {}, {}
+    if cfg.smr.samples == 0 and cfg.lmr.samples == 0:
+        return out, stats
+    corpus = corpus_of(items, window)
+    plan = smr_plan(corpus, cfg.seq_len)
+    stats.update(memory_pool_dialogues=corpus.num_dialogues, smr_long_utterances=plan["long_utterances"],
+                 lmr_ineligible_dialogues=lmr_ineligible(corpus))
+    for kind, n in (("smr", cfg.smr.samples), ("lmr", cfg.lmr.samples)):
+        if n == 0:
+            continue
+        jobs = [(kind, a, min(a + cfg.memory_chunk, n)) for a in range(0, n, cfg.memory_chunk)]
+        tables = []
+        for table, st in engine.map(_memory_job, jobs, corpus=corpus, cfg=cfg.model_dump(mode="json"), ids=ids,
+                                    seq_len=cfg.seq_len, seed=cfg.seed, plan=plan if kind == "smr" else None):
+            tables.append(table)
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0) + v
+        out[kind] = pa.concat_tables(tables) if tables else ITEM_SCHEMA.empty_table()
+    return out, stats
+
+
+def _shard_jobs(kind: str, items: pa.Table, cfg: DataConfig) -> tuple[list, dict]:
+    lengths = pc.list_value_length(items["input_ids"]).to_numpy(zero_copy_only=False).tolist()
+    bins = ffd_bins(lengths, cfg.seq_len, items["dialogue_id"].to_pylist())
+    jobs = []
+    for k in range(0, len(bins), cfg.shard_rows):
+        part = bins[k:k + cfg.shard_rows]
+        order = np.array([i for b in part for i in b], dtype=np.int64)
+        row_of_item = np.repeat(np.arange(len(part)), [len(b) for b in part])
+        jobs.append((f"{kind}-{k // cfg.shard_rows:05d}.parquet", items.take(order), row_of_item))
+    tokens = int(sum(lengths))
+    slots = len(bins) * cfg.seq_len
+    return jobs, {"items": len(lengths), "sequences": len(bins), "tokens": tokens, "pad_tokens": slots - tokens,
+                  "packing_efficiency": round(tokens / slots, 6) if slots else 0.0}
+
+
+def _prepare_into(paths, metas, tmp, cfg: DataConfig, tokenizer, ids, fp, digest, progress) -> dict:
+    t0 = time.perf_counter()
     tokenizer_dir = os.path.join(tmp, "tokenizer")
     tokenizer.save_pretrained(tokenizer_dir)
-    t_tok = time.time()
-    tokenized = _tokenize(good, cfg, tokenizer, tokenizer_dir, progress)
-    t_tok = time.time() - t_tok
+    engine = make_engine(cfg, tokenizer, tokenizer_dir, ids)
+    timing = {"engine": cfg.engine, "workers": getattr(engine, "workers", 1),
+              "ray_init_seconds": round(getattr(engine, "init_seconds", 0.0), 3)}
+    bar = Progress(enabled=progress, desc=f"prep ({cfg.engine})")
+    try:
+        pieces = collect(engine.pieces(paths, metas), cfg, bar)
+    finally:
+        bar.close()
+    timing["read_tokenize_seconds"] = round(time.perf_counter() - t0, 3)
+    counts, per_input = _count(pieces, metas)
+    if cfg.on_bad_record == "error":
+        for m in per_input:
+            if m["records"] and m["kept"] == 0:
+                raise DataError(m["path"], 1, "no usable dialogue in this file", "no_usable_dialogue")
+    if counts["dialogues"] == 0:
+        raise ValueError(f"no dialogues left to pack from {len(paths)} input(s) ({counts['rejected']} rejected)")
 
-    items, kept_utts = [], []
-    for (dialogue, meta), utts in zip(good, tokenized):
-        try:
-            windows = split_into_windows(dialogue, utts, ids, cfg.seq_len)
-            for w in windows:  # ids repeat across files (MSC episodes recur in later-session files): name the file
-                w.dialogue_id = f"{os.path.basename(dialogue.source)}:{dialogue.id}"
-        except DataError as e:
-            _reject(e, cfg, rejected, counts, meta)
-            continue
-        meta["kept"] += 1
-        counts["dialogues"] += 1
-        counts["windows"] += len(windows)
-        counts["split_dialogues"] += len(windows) > 1
-        counts["utterances"] += len(utts)
-        counts["tokens_in"] += sum(len(w) for w in windows)
-        items.extend(windows)
-        kept_utts.append(utts)
-    for path, meta in zip(inputs, in_meta):
-        if meta["records"] and meta["kept"] == 0 and cfg.on_bad_record == "error":
-            raise DataError(path, 1, "no usable dialogue in this file")
-    if not items:
-        raise ValueError(f"no dialogues left to pack from {inputs} ({counts['rejected']} rejected)")
+    kept = pieces.filter(pc.equal(pieces["error"], ""))
+    window = kept["window"].to_numpy()
+    items = {"dialogue": kept.select(ITEM_SCHEMA.names).cast(ITEM_SCHEMA)}
+    t1 = time.perf_counter()
+    memory, memory_stats = _memory_items(engine, items["dialogue"], window, cfg, ids)
+    items.update(memory)
+    counts.update(memory_stats)
+    timing["memory_seconds"] = round(time.perf_counter() - t1, 3)
 
-    smr, smr_stats = build_smr([u for d in kept_utts for u in d], cfg.smr, ids, cfg.seq_len, cfg.seed)
-    lmr, lmr_stats = build_lmr(kept_utts, cfg.lmr, ids, cfg.seq_len, cfg.seed)
-    counts.update(smr_stats, **lmr_stats)
+    t2 = time.perf_counter()
+    shards, packing, jobs = [], {}, []
+    for kind in KINDS:
+        if kind in items and items[kind].num_rows:
+            kind_jobs, packing[kind] = _shard_jobs(kind, items[kind], cfg)
+            jobs += kind_jobs
+    timing["plan_seconds"] = round(time.perf_counter() - t2, 3)
+    t3 = time.perf_counter()
+    for name, data, entry in engine.map(_shard_job, jobs, seq_len=cfg.seq_len, pad_id=ids.pad):
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(data)
+        shards.append(entry)
+    timing["write_seconds"] = round(time.perf_counter() - t3, 3)
 
-    shards, n_rows, tokens_by_kind = [], 0, {}
-    for kind, kind_items in (("dialogue", items), ("smr", smr), ("lmr", lmr)):
-        if not kind_items:
-            continue
-        bins = pack_first_fit_decreasing(kind_items, cfg.seq_len)
-        rows = [build_row([kind_items[i] for i in b], cfg.seq_len, ids.pad) for b in bins]
-        n_rows += len(rows)
-        for k in range(0, len(rows), cfg.shard_rows):
-            name = f"{kind}-{k // cfg.shard_rows:05d}.parquet"
-            shards.append(write_shard(rows[k:k + cfg.shard_rows], os.path.join(tmp, name)))
-        tokens_by_kind[kind] = sum(len(it) for it in kind_items)
+    rejected = _rejected_records(pieces)
     if rejected:
         with open(os.path.join(tmp, "rejected.jsonl"), "w") as f:
             for r in rejected:
                 f.write(json.dumps(r) + "\n")
-
-    dialogue_shards = [s for s in shards if s["mask_kind"] == ["dialogue"]]
-    tokens_out = sum(s["tokens"] for s in dialogue_shards)
-    slots = sum(s["rows"] for s in dialogue_shards) * cfg.seq_len
-    counts.update(sequences=sum(s["rows"] for s in dialogue_shards), tokens_out=tokens_out, pad_tokens=slots - tokens_out,
-                  packing_efficiency=round(tokens_out / slots, 6), rows_all_kinds=n_rows, tokens_by_kind=tokens_by_kind)
-    elapsed = time.time() - t0
+    d = packing["dialogue"]
+    counts.update(sequences=d["sequences"], pad_tokens=d["pad_tokens"], packing_efficiency=d["packing_efficiency"],
+                  rows_all_kinds=sum(p["sequences"] for p in packing.values()),
+                  tokens_by_kind={k: p["tokens"] for k, p in packing.items()})
     manifest = {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "fingerprint": fp,
-        "inputs": in_meta,
-        "config": cfg.model_dump(mode="json"),
+        "inputs": per_input,
+        "config": output_config(cfg),
         "tokenizer": {"spec": cfg.tokenizer, "bos_id": ids.bos, "eou_id": ids.eou, "pad_id": ids.pad,
-                      "vocab_size": len(tokenizer)},
+                      "vocab_size": len(tokenizer), "sha256": digest},
         "seq_len": cfg.seq_len,
         "counts": counts,
+        "packing": packing,
         "shards": shards,
-        "timing": {"seconds": round(elapsed, 3), "tokenize_seconds": round(t_tok, 3), "engine": cfg.engine},
+        "rejected_file": "rejected.jsonl" if rejected else None,
     }
+    elapsed = time.perf_counter() - t0
+    timing["seconds"] = round(elapsed, 3)
+    timing["tokens_per_s"] = round(counts["tokens_out"] / max(elapsed, 1e-9), 1)
+    timing["records_per_s"] = round(counts["records"] / max(elapsed, 1e-9), 1)
+    with open(os.path.join(tmp, "run.json"), "w") as f:  # not part of the manifest: differs run to run
+        json.dump(timing, f, indent=2)
     with open(os.path.join(tmp, MANIFEST), "w") as f:  # written last: its presence means complete
         json.dump(manifest, f, indent=2)
+    engine.close()
     if progress:
-        print(f"prep: {counts['tokens_in']} tokens in {elapsed:.1f}s ({counts['tokens_in'] / max(elapsed, 1e-9):,.0f} tokens/s, "
-              f"{counts['records'] / max(elapsed, 1e-9):,.0f} records/s)", flush=True)
+        print(f"prep: {counts['records']:,} records ({counts['rejected']:,} rejected), {counts['tokens_out']:,} tokens in "
+              f"{elapsed:.1f}s ({timing['tokens_per_s']:,.0f} tokens/s, {timing['records_per_s']:,.0f} records/s, "
+              f"engine {cfg.engine})", flush=True)
     return manifest

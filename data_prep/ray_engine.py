@@ -1,65 +1,130 @@
-"""Parallel tokenization on Ray Data: blocks of dialogues → tokenizer actors → token ids, in block order.
+"""The Ray Data engine (``engine: ray``): the same steps as the reference loop, spread over Ray workers.
 
-Blocks have a fixed size (``data.block_dialogues``) and results are reassembled by block index with
-``preserve_order``, so the output is byte-identical whatever the number of workers.
+* read + validate + tokenize + window: ``from_items(chunk tasks) → map_batches(process_chunk)``; each task reads
+  its byte range (pyarrow filesystems: local paths or URIs), parses and validates its records, tokenizes all of
+  their utterances in one batched call of the Rust tokenizer and lays out the windows;
+* SMR/LMR samples: ranges of sample indices, built where the tasks run (each sample has its own seeded RNG);
+* pack + write: the driver plans first-fit-decreasing bins over the item lengths (a global decision, cheap),
+  then shard tasks build the packed rows and encode the Parquet bytes; the driver writes them under stable
+  names, then the manifest.
+
+``preserve_order`` keeps every stream in input order, so the output is byte-identical whatever the number of
+workers (and identical to the local engine). Runs on an embedded local Ray by default, or joins the cluster of
+``RAY_ADDRESS`` (set inside ``ray job submit``).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
+import shutil
+import time
+from typing import Iterator
+
+import pyarrow as pa
+
+from .config import DataConfig
+from .reader import chunk_tasks, process_chunk
+from .tokenize import FastEncoder
+from .tokenizer import SpecialIds
+
+_ENCODERS: dict = {}  # per worker process: tokenizer folder -> FastEncoder (loaded once, ~0.2 s)
 
 
 def ensure_ray(workers: int | None = None):
-    """Join the cluster of RAY_ADDRESS (e.g. inside `ray job submit`), or start an embedded local Ray."""
+    """Join the cluster of RAY_ADDRESS (e.g. inside `ray job submit`), or start an embedded local Ray
+    (auth off, no usage stats, no dashboard, a short temp dir that is removed at exit)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # our own progress line says what happens
     import ray
 
     if ray.is_initialized():
         return ray
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False, configure_logging=False)
-    else:
-        tmp = f"/tmp/ray-cs-{os.getpid()}"  # short: AF_UNIX socket paths are limited to 107 bytes
-        ray.init(address="local", num_cpus=max(workers or os.cpu_count() or 1, 1), include_dashboard=False,
-                 _temp_dir=tmp, log_to_driver=False, configure_logging=False)
+        return ray
+    tmp = f"/tmp/ray-cs-{os.getpid()}"  # short: AF_UNIX socket paths are limited to 107 bytes
+    ray.init(address="local", num_cpus=max(workers or 0, os.cpu_count() or 1), include_dashboard=False,
+             _temp_dir=tmp, log_to_driver=False, configure_logging=False)
+
+    def _cleanup():
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    atexit.register(_cleanup)
     return ray
 
 
-class _Tokenize:
-    """Ray Data actor: holds one tokenizer, maps a block of dialogues' texts to token ids."""
+def _process(batch: pa.Table, tokenizer_dir: str, ids: SpecialIds, cfg: dict) -> pa.Table:
+    from .reader import ChunkTask
 
-    def __init__(self, tokenizer_dir: str):
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-
-    def __call__(self, batch: dict) -> dict:
-        out = []
-        for payload in batch["texts"]:
-            dialogues = pickle.loads(payload)
-            flat = [t for d in dialogues for t in d]
-            ids = self.tok(flat, add_special_tokens=False)["input_ids"] if flat else []
-            res, k = [], 0
-            for d in dialogues:
-                res.append(ids[k:k + len(d)])
-                k += len(d)
-            out.append(pickle.dumps(res))
-        return {"block": batch["block"], "ids": out}
+    enc = _ENCODERS.get(tokenizer_dir)
+    if enc is None:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per task: parallelism comes from Ray
+        enc = _ENCODERS[tokenizer_dir] = FastEncoder(tokenizer_dir)
+    conf = DataConfig.model_validate(cfg)
+    tables = [process_chunk(ChunkTask(**row), enc, ids, conf) for row in batch.to_pylist()]
+    return pa.concat_tables(tables)
 
 
-def tokenize_blocks(blocks: list[list[list[str]]], tokenizer_dir: str, workers: int | None) -> list[list[list[list[int]]]]:
-    """``blocks[b][d][u]`` utterance texts → token ids of the same shape, tokenized by Ray Data actors."""
-    ray = ensure_ray(workers)
-    import ray.data
+def _apply(batch: pa.Table, fn, shared) -> pa.Table:
+    import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    ds = ray.data.from_items([{"block": i, "texts": pickle.dumps(b)} for i, b in enumerate(blocks)], override_num_blocks=max(1, min(len(blocks), 4 * n)))
-    ds = ds.map_batches(_Tokenize, fn_constructor_args=(tokenizer_dir,), batch_size=1, compute=ray.data.ActorPoolStrategy(size=n), num_cpus=1)
-    rows = sorted(ds.take_all(), key=lambda r: r["block"])
-    return [pickle.loads(r["ids"]) for r in rows]
+    kwargs = ray.get(shared) if isinstance(shared, ray.ObjectRef) else shared
+    out = [pickle.dumps(fn(pickle.loads(job), **kwargs), protocol=5) for job in batch["job"].to_pylist()]
+    return pa.table({"result": pa.array(out, type=pa.large_binary())})
+
+
+class RayEngine:
+    name = "ray"
+
+    def __init__(self, cfg: DataConfig, tokenizer, tokenizer_dir: str, ids: SpecialIds):
+        t0 = time.perf_counter()
+        self.ray = ensure_ray(cfg.workers)
+        self.init_seconds = time.perf_counter() - t0
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        if hasattr(ctx, "print_on_execution_start"):
+            ctx.print_on_execution_start = False
+        self.cfg, self.tokenizer_dir, self.ids = cfg, tokenizer_dir, ids
+        self.workers = cfg.workers or max(1, int(self.ray.cluster_resources().get("CPU", 1)))
+
+    def pieces(self, paths: list[str], metas: list[dict]) -> Iterator[pa.Table]:
+        import ray.data
+
+        tasks = chunk_tasks(paths, metas, self.cfg)
+        if not tasks:
+            return
+        rows = [t.to_row() for t in tasks]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        ds = ds.map_batches(_process, batch_size=1, batch_format="pyarrow", compute=self._compute(len(rows)), num_cpus=1,
+                            fn_kwargs={"tokenizer_dir": self.tokenizer_dir, "ids": self.ids,
+                                       "cfg": self.cfg.model_dump(mode="json")})
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+
+    def map(self, fn, jobs: list, **kwargs) -> Iterator:
+        """``fn(job, **kwargs)`` for each job on Ray tasks; results in job order."""
+        import ray.data
+
+        if not jobs:
+            return
+        shared = self.ray.put(kwargs)
+        ds = ray.data.from_items([{"job": pickle.dumps(j, protocol=5)} for j in jobs], override_num_blocks=len(jobs))
+        ds = ds.map_batches(_apply, batch_size=1, batch_format="pyarrow", compute=self._compute(len(jobs)), num_cpus=1,
+                            fn_kwargs={"fn": fn, "shared": shared})
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            for blob in batch["result"].to_pylist():
+                yield pickle.loads(blob)
+
+    def _compute(self, n_inputs: int):
+        import ray.data
+
+        return ray.data.TaskPoolStrategy(size=max(1, min(self.workers, n_inputs)))
+
+    def close(self) -> None:
+        pass

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -36,8 +37,96 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    """The one way shards are encoded (same options everywhere, so the bytes depend on the rows only)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", write_statistics=False)
+    return sink.getvalue().to_pybytes()
+
+
+_PAD = {"input_ids": None, "labels": -100, "position_ids": 0, "doc_ids": -1, "utt_ids": -1, "eou": False, "blk": -1}
+
+
+def _values(items: pa.Table, col: str) -> np.ndarray:
+    arr = items[col].combine_chunks()
+    return arr.flatten().to_numpy(zero_copy_only=False) if len(arr) else np.zeros(0)
+
+
+def pack_table(items: pa.Table, row_of_item: np.ndarray, seq_len: int, pad_id: int) -> pa.Table:
+    """Packed rows from items (an ``items.ITEM_SCHEMA`` table, grouped by row and in placement order inside a
+    row; ``row_of_item[i]`` is item i's row). Vectorized: the numpy equivalent of ``packing.build_row``."""
+    row_of_item = np.asarray(row_of_item, dtype=np.int64)
+    n_items = items.num_rows
+    if n_items == 0:
+        return SCHEMA.empty_table()
+    if np.any(np.diff(row_of_item) < 0):
+        raise ValueError("items must be grouped by row, rows in order")
+    n_rows = int(row_of_item[-1]) + 1
+    lengths = np.diff(items["input_ids"].combine_chunks().offsets.to_numpy()).astype(np.int64)
+    row_len = np.bincount(row_of_item, weights=lengths, minlength=n_rows).astype(np.int64)
+    if row_len.max() > seq_len:
+        raise ValueError(f"a row of {int(row_len.max())} tokens exceeds seq_len={seq_len}")
+    items_per_row = np.bincount(row_of_item, minlength=n_rows)
+    row_first = np.concatenate([[0], np.cumsum(items_per_row)[:-1]])
+    doc = np.arange(n_items) - row_first[row_of_item]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    total = int(lengths.sum())
+    filled = np.arange(seq_len)[None, :] < row_len[:, None]
+    flat = {
+        "input_ids": _values(items, "input_ids"),
+        "labels": _values(items, "labels"),
+        "position_ids": np.arange(total) - np.repeat(starts, lengths),
+        "doc_ids": np.repeat(doc, lengths),
+        "utt_ids": _values(items, "utt_ids"),
+        "eou": _values(items, "eou"),
+        "blk": _values(items, "blk"),
+    }
+    offsets = pa.array(np.arange(0, (n_rows + 1) * seq_len, seq_len, dtype=np.int32))
+    columns = {}
+    for name, values in flat.items():
+        field = SCHEMA.field(name)
+        dtype = np.bool_ if field.type.value_type == pa.bool_() else np.int32
+        pad = pad_id if _PAD[name] is None else _PAD[name]
+        out = np.full((n_rows, seq_len), pad, dtype=dtype)
+        out[filled] = values.astype(dtype, copy=False)
+        columns[name] = pa.ListArray.from_arrays(offsets, pa.array(out.reshape(-1), type=field.type.value_type))
+    kinds = items["mask_kind"].to_pylist()
+    row_kind = [None] * n_rows
+    for r, k in zip(row_of_item.tolist(), kinds):
+        if row_kind[r] is not None and row_kind[r] != k:
+            raise ValueError(f"one packed row must hold one mask kind, got {row_kind[r]} and {k}")
+        row_kind[r] = k
+    columns["mask_kind"] = pa.array(row_kind, type=pa.string())
+    doc_offsets = pa.array(np.concatenate([row_first, [n_items]]).astype(np.int32))
+    columns["dialogue_ids"] = pa.ListArray.from_arrays(doc_offsets, items["dialogue_id"].combine_chunks().cast(pa.string()))
+    return pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
+
+
+def shard_entry(name: str, table: pa.Table, data: bytes, seq_len: int) -> dict:
+    """The manifest entry of one shard (``data``: its Parquet bytes)."""
+    doc = table["doc_ids"].combine_chunks().flatten().to_numpy()
+    tokens = int((doc >= 0).sum())
+    slots = table.num_rows * seq_len
+    return {
+        "file": name,
+        "rows": table.num_rows,
+        "tokens": tokens,
+        "padding_fraction": round(1 - tokens / slots, 6) if slots else 0.0,
+        "dialogues": int(sum(len(d) for d in table["dialogue_ids"].to_pylist())),
+        "mask_kind": sorted(set(table["mask_kind"].to_pylist())),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def encode_shard(name: str, items: pa.Table, row_of_item, seq_len: int, pad_id: int) -> tuple[bytes, dict]:
+    """Pack, encode and describe one shard: (Parquet bytes, manifest entry)."""
+    table = pack_table(items, row_of_item, seq_len, pad_id)
+    data = parquet_bytes(table)
+    return data, shard_entry(name, table, data, seq_len)
+
+
 def write_shard(rows: list[dict], path: str) -> dict:
-    """Write rows to one Parquet file (deterministic bytes) and return its manifest entry."""
+    """Write ``packing.build_row`` rows to one Parquet file and return its manifest entry (the list-based path)."""
     table = pa.Table.from_pydict({f.name: [r[f.name] for r in rows] for f in SCHEMA}, schema=SCHEMA)
     pq.write_table(table, path, compression="zstd", write_statistics=False)
     tokens = sum(sum(1 for d in r["doc_ids"] if d >= 0) for r in rows)

@@ -39,10 +39,43 @@ class TokenizedDialogue:
         return sum(self.eou)
 
 
+def dialogue_texts(dialogue: Dialogue, speaker_tags: bool = False) -> list[str]:
+    return [f"{t.speaker}: {t.text}" if speaker_tags and t.speaker else t.text for t in dialogue.turns]
+
+
 def utterance_token_ids(dialogue: Dialogue, tokenizer, speaker_tags: bool = False) -> list[list[int]]:
     """Tokenize each utterance without special tokens (one batched tokenizer call)."""
-    texts = [f"{t.speaker}: {t.text}" if speaker_tags and t.speaker else t.text for t in dialogue.turns]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return tokenizer(dialogue_texts(dialogue, speaker_tags), add_special_tokens=False)["input_ids"]
+
+
+class FastEncoder:
+    """The Rust tokenizer behind a saved Hugging Face fast tokenizer (``tokenizer.json``), without importing
+    transformers (or torch): loads in ~0.2 s and encodes large batches with no Python per-token work. Gives the
+    same ids as ``AutoTokenizer(...)(texts, add_special_tokens=False)`` (tested); falls back to transformers
+    for tokenizers without a ``tokenizer.json``."""
+
+    def __init__(self, tokenizer_dir: str):
+        import os
+
+        path = os.path.join(tokenizer_dir, "tokenizer.json")
+        if os.path.isfile(path):
+            from tokenizers import Tokenizer
+
+            self._raw = Tokenizer.from_file(path)
+            self._raw.no_truncation()
+            self._raw.no_padding()
+            self._hf = None
+        else:
+            from transformers import AutoTokenizer
+
+            self._raw, self._hf = None, AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        if self._raw is not None:
+            return [e.ids for e in self._raw.encode_batch(texts, add_special_tokens=False)]
+        return self._hf(texts, add_special_tokens=False)["input_ids"]
 
 
 def layout_dialogue(dialogue_id: str, utterances: list[list[int]], ids: SpecialIds, window: int = 0) -> TokenizedDialogue:
@@ -63,7 +96,7 @@ def split_into_windows(dialogue: Dialogue, utterances: list[list[int]], ids: Spe
     for i, u in enumerate(utterances):
         if len(u) + 2 > seq_len:
             raise DataError(dialogue.source, dialogue.line,
-                            f"turn {i} has {len(u)} tokens; with BOS and EoU it exceeds seq_len={seq_len}")
+                            f"turn {i} has {len(u)} tokens; with BOS and EoU it exceeds seq_len={seq_len}", "too_long")
     windows, current, used = [], [], 1
     for u in utterances:
         if used + len(u) + 1 > seq_len:

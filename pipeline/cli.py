@@ -35,6 +35,10 @@ def cmd_prep(args) -> int:
         raise ValueError("no input files given")
     if args.format:
         overrides.append(f"data.format={args.format}")
+    if args.engine:
+        overrides.append(f"data.engine={args.engine}")
+    if args.workers:
+        overrides.append(f"data.workers={args.workers}")
     cfg = load_config(args.config, overrides)
     manifest = prepare(args.inputs, args.out, cfg.data)
     c = manifest["counts"]
@@ -95,11 +99,11 @@ def cmd_bench_attention(args) -> int:
 
 
 def cmd_bench_prep(args) -> int:
-    from .bench import bench_prep
+    from .bench_prep import bench_prep
 
     r = bench_prep(args.out, workers=args.workers)
     for name, e in r["engines"].items():
-        print(f"{name:>6}: {e['tokens_per_s']:,.0f} tokens/s ({e['seconds']:.1f} s)")
+        print(f"{name:>10}: {e['tokens_per_s']:,.0f} tokens/s ({e['seconds']:.1f} s)")
     print(f"ray / single process: {r['ray_speedup_vs_single_process']:.2f}x")
     for seq_len, p in r["packing"].items():
         print(f"packing efficiency at {seq_len}: {p['packing_efficiency']:.2%}")
@@ -189,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output shard folder")
     s.add_argument("--config", help="YAML recipe (its data: section is used)")
     s.add_argument("--format", choices=["auto", "canonical", "personachat", "msc", "messages"], help="input format (default auto)")
+    s.add_argument("--engine", choices=["ray", "local"], help="ray = Ray Data pipeline (default), local = single-process reference loop")
+    s.add_argument("--workers", type=int, help="Ray workers (default: all CPUs)")
     s.set_defaults(fn=cmd_prep, overrides=[])
 
     s = sub.add_parser("train", help="DeepSpeed ZeRO-3 training on prepared shards")

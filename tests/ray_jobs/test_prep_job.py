@@ -1,21 +1,21 @@
-"""`ray job submit` of the prep job to a loopback Ray head started by the test: same output as the embedded run."""
+"""`ray job submit` of the prep job to a loopback Ray head started by the test (stopped by its process ids, never
+`ray stop`): the same bytes as the embedded run; bad input fails the job with FILE:LINE."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import psutil
 import pytest
 
-from data_prep.config import DataConfig
-from data_prep.prep import prepare
-
 from .ray_cluster import LocalRayCluster
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ARGS = ["data.seq_len=1024", "data.max_dialogues=150", "data.smr.samples=10", "data.lmr.samples=10"]
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +27,32 @@ def cluster():
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
 
 
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file() and p.name != "run.json"}
+
+
 def test_ray_job_submit_prep_equals_embedded_run(cluster, shared_data, tmp_path):
-    inputs = [str(shared_data / "personachat" / "valid.json"), str(shared_data / "msc" / "session_2_test.jsonl")]
+    inputs = [str(shared_data / "personachat" / "valid.json"), str(shared_data / "msc" / "session_2_*.jsonl")]
     job_out = tmp_path / "job"
-    proc = cluster.submit([sys.executable, "-m", "ray_jobs.prep", *inputs, "--out", str(job_out), "data.seq_len=1024",
-                           "data.max_dialogues=200"], REPO)
+    proc = cluster.submit([sys.executable, "-m", "ray_jobs.prep", *inputs, "--out", str(job_out), *ARGS], REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SUCCEEDED" in proc.stdout + proc.stderr
     embedded = tmp_path / "embedded"
-    prepare(inputs, str(embedded), DataConfig(seq_len=1024, max_dialogues=200, engine="local"), progress=False)
-    job_m, emb_m = (json.loads((d / "manifest.json").read_text()) for d in (job_out, embedded))
-    assert job_m["config"]["engine"] == "ray"
-    assert [s["sha256"] for s in job_m["shards"]] == [s["sha256"] for s in emb_m["shards"]]
-    assert job_m["counts"] == emb_m["counts"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    emb = subprocess.run([sys.executable, "-m", "ray_jobs.prep", *inputs, "--out", str(embedded), "--workers", "2", *ARGS],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert emb.returncode == 0, emb.stderr[-3000:]
+    job_files, emb_files = _files(job_out), _files(embedded)
+    assert job_files.keys() == emb_files.keys() and "manifest.json" in job_files and "lmr-00000.parquet" in job_files
+    assert job_files == emb_files, "byte-identical shards and manifest"
+    assert len(json.loads(job_files["manifest.json"])["inputs"]) == 3  # the glob matched both session_2 files
+    assert json.loads((job_out / "run.json").read_text())["engine"] == "ray"
+
+
+def test_ray_job_bad_input_fails_with_file_and_line(cluster, tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text(json.dumps({"id": "a", "turns": [{"text": "fine"}]}) + "\n{oops\n")
+    proc = cluster.submit([sys.executable, "-m", "ray_jobs.prep", str(src), "--out", str(tmp_path / "o")], REPO)
+    assert proc.returncode != 0
+    assert f"{src}:2: malformed JSON" in proc.stdout + proc.stderr
+    assert not (tmp_path / "o").exists()

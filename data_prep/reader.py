@@ -1,0 +1,147 @@
+"""Read → validate → tokenize → window, one chunk of records at a time (the work the Ray engine spreads out).
+
+The driver ``plan_inputs``: one pass per file for its sha256, format and chunks (byte ranges of
+``chunk_records`` JSON lines with their first line number; a whole-file format such as PersonaChat is split
+into records on the driver, which has read the file anyway). A worker ``process_chunk``: reads its byte range,
+parses and validates each record, tokenizes all utterances of the chunk in one batched call and lays them out
+in windows, giving a *pieces* table (``items.PIECE_SCHEMA``). The result depends on the chunk's records only,
+never on which worker ran it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+
+import pyarrow as pa
+
+from .adapters import (WHOLE_FILE_FORMATS, detect_format_from_line, parse_jsonl, personachat_dialogue,
+                       personachat_records)
+from .config import DataConfig
+from .items import PieceBuilder, pieces_from_columns
+from .schema import DataError
+from .sources import canonical_path, display_name, read_bytes, read_text, scan
+from .tokenize import dialogue_texts, split_into_windows
+from .tokenizer import SpecialIds
+from .windows import layout_columns, plan_windows
+
+
+@dataclass
+class ChunkTask:
+    file_index: int
+    path: str
+    fmt: str
+    start: int
+    end: int
+    first_line: int
+    first_record: int
+    payload: bytes = b""  # whole-file formats: pickled [(key, turns, line) | DataError]
+
+    def to_row(self) -> dict:
+        return dict(self.__dict__)
+
+
+def input_metas(paths: list[str], cfg: DataConfig) -> list[dict]:
+    """One pass per file on the driver: path, name, sha256, size, resolved format, and (key ``_chunks``, not
+    written to the manifest) the byte ranges of its JSON-lines chunks."""
+    metas = []
+    for path in paths:
+        sc = scan(path, cfg.chunk_records, cfg.max_dialogues, lines=cfg.format not in WHOLE_FILE_FORMATS)
+        fmt = detect_format_from_line(path, sc.first_line) if cfg.format == "auto" else cfg.format
+        metas.append({"path": canonical_path(path), "name": display_name(path), "sha256": sc.sha256,
+                      "bytes": sc.size, "format": fmt, "_chunks": sc.chunks})
+    return metas
+
+
+def chunk_tasks(paths: list[str], metas: list[dict], cfg: DataConfig) -> list[ChunkTask]:
+    """The chunk tasks of all inputs, in input order. Whole-file formats are split into records here."""
+    tasks = []
+    for fi, (path, meta) in enumerate(zip(paths, metas)):
+        fmt = meta["format"]
+        if fmt not in WHOLE_FILE_FORMATS:
+            tasks += [ChunkTask(fi, path, fmt, c.start, c.end, c.first_line, c.first_record) for c in meta["_chunks"]]
+            continue
+        records = personachat_records(path, read_text(path))
+        if cfg.max_dialogues is not None:
+            records = records[:cfg.max_dialogues]
+        for k in range(0, len(records), cfg.chunk_records):
+            tasks.append(ChunkTask(fi, path, fmt, 0, 0, 0, k, pickle.dumps(records[k:k + cfg.chunk_records], protocol=5)))
+    return tasks
+
+
+def read_chunk(task: ChunkTask):
+    """(ordinal, line, Dialogue | DataError) for each record of the chunk, in order."""
+    if task.payload:
+        for k, rec in enumerate(pickle.loads(task.payload)):
+            if isinstance(rec, DataError):
+                yield task.first_record + k, rec.line, rec
+                continue
+            try:
+                yield task.first_record + k, rec[2], personachat_dialogue(task.path, *rec)
+            except DataError as e:
+                yield task.first_record + k, e.line, e
+        return
+    text = read_bytes(task.path, task.start, task.end).decode("utf-8", errors="replace")
+    for k, (lineno, rec) in enumerate(parse_jsonl(task.path, task.fmt, text, task.first_line)):
+        yield task.first_record + k, lineno, rec
+
+
+def process_chunk(task: ChunkTask, encode, ids: SpecialIds, cfg: DataConfig) -> pa.Table:
+    """Read, validate, tokenize (one batched call) and window the records of one chunk → pieces table
+    (numpy layout, ``windows.layout_columns``)."""
+    records = list(read_chunk(task))
+    texts = [dialogue_texts(d, cfg.speaker_tags) for _, _, d in records if not isinstance(d, DataError)]
+    flat = encode([t for ts in texts for t in ts])
+    name = display_name(task.path)
+    scalars, row_lengths, windows, kept_lens, kept_utts = [], [], [], [], []
+    k = 0
+    for ordinal, line, rec in records:
+        base = {"file_index": task.file_index, "ordinal": ordinal, "source": task.path}
+        if isinstance(rec, DataError):
+            scalars.append(base | _rejected(rec))
+            row_lengths.append(0)
+            continue
+        utts = flat[k:k + len(rec.turns)]
+        k += len(rec.turns)
+        lens = [len(u) for u in utts]
+        plan = plan_windows(lens, cfg.seq_len)
+        if isinstance(plan, int):
+            err = DataError(rec.source, rec.line, f"turn {plan} has {lens[plan]} tokens; with BOS and EoU it exceeds "
+                            f"seq_len={cfg.seq_len}", "too_long")
+            scalars.append(base | _rejected(err, tokens=1 + sum(n + 1 for n in lens)))
+            row_lengths.append(0)
+            continue
+        first = len(kept_lens)
+        kept_lens += lens
+        kept_utts += utts
+        for w, (a, b) in enumerate(plan):
+            windows.append((first + a, first + b))
+            scalars.append(base | {"line": str(rec.line), "error": "", "code": "", "window": w, "windows": len(plan),
+                                   "utterances": b - a, "tokens_rejected": 0, "dialogue_id": f"{name}:{rec.id}",
+                                   "mask_kind": "dialogue"})
+            row_lengths.append(1 + sum(kept_lens[first + a:first + b]) + (b - a))
+    tokens = np.fromiter(chain.from_iterable(kept_utts), dtype=np.int32, count=sum(kept_lens))
+    cols = layout_columns(np.asarray(kept_lens, dtype=np.int64), tokens, windows, ids)
+    return pieces_from_columns(scalars, row_lengths, cols)
+
+
+def _rejected(err: DataError, tokens: int = 0) -> dict:
+    return {"line": str(err.line), "source": err.source, "error": err.reason, "code": err.code, "window": 0,
+            "windows": 0, "utterances": 0, "tokens_rejected": tokens, "dialogue_id": "", "mask_kind": ""}
+
+
+def keep_or_reject(out: PieceBuilder, file_index: int, ordinal: int, line, name: str, dialogue, utterances,
+                   ids: SpecialIds, seq_len: int) -> None:
+    """Window a tokenized dialogue (ids name their file: MSC episodes recur across session files), or reject
+    it with its token count when an utterance cannot fit a sequence."""
+    try:
+        windows = split_into_windows(dialogue, utterances, ids, seq_len)
+    except DataError as e:
+        out.reject(file_index, ordinal, e, tokens=1 + sum(len(u) + 1 for u in utterances))
+        return
+    for w in windows:
+        w.dialogue_id = f"{name}:{dialogue.id}"
+    out.keep(file_index, ordinal, line, dialogue.source, windows)

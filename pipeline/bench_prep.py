@@ -1,0 +1,92 @@
+"""``convsink bench prep``: tokens/s of the Ray Data pipeline against the single-process reference loop over the
+same files (PersonaChat valid + all MSC files), and packing efficiency at seq_len 2048 and 8192 on the MSC data.
+
+Both engines run in this process after a warm-up (imports, the embedded Ray and its worker processes started),
+so the figures compare pipeline throughput; the one-off Ray start is reported apart. Each figure is the best of
+``repeats`` runs (the machine may be shared: the load average is recorded too). The Rust tokenizer is kept to one
+thread (TOKENIZERS_PARALLELISM=false) so that "single process" means one core.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+import time
+
+
+def _default_data_dir() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.environ.get("CONVSINK_SHARED_DATA") or os.path.join(here, "..", "shared", "data")
+
+
+def _run(inputs, cfg, tmp, tag) -> tuple[float, dict, dict]:
+    from data_prep.prep import prepare
+
+    out = os.path.join(tmp, tag)
+    t0 = time.perf_counter()
+    manifest = prepare(inputs, out, cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    with open(os.path.join(out, "run.json")) as f:
+        run = json.load(f)
+    shutil.rmtree(out)
+    return seconds, manifest, run
+
+
+def bench_prep(out: str, data_dir: str | None = None, workers: int | None = None, repeats: int = 2) -> dict:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from data_prep.config import DataConfig
+    from data_prep.ray_engine import ensure_ray
+
+    data_dir = data_dir or _default_data_dir()
+    msc = sorted(glob.glob(os.path.join(data_dir, "msc", "*.jsonl")))
+    inputs = [os.path.join(data_dir, "personachat", "valid.json")] + msc
+    n_cpus = os.cpu_count() or 1
+    workers = workers or n_cpus
+    result = {"inputs": inputs, "cpus": n_cpus, "seq_len": 2048, "repeats": repeats, "engines": {}, "packing": {},
+              "load_average_before": list(os.getloadavg())}
+    t0 = time.perf_counter()
+    ensure_ray(workers)
+    result["ray_init_seconds"] = round(time.perf_counter() - t0, 2)
+    tmp = tempfile.mkdtemp(prefix="bench-prep-")
+    try:
+        t0 = time.perf_counter()
+        for engine in ("local", "ray"):  # warm-up: imports, tokenizer conversion, Ray worker processes
+            _run(inputs, DataConfig(seq_len=2048, engine=engine, workers=workers, max_dialogues=40, chunk_records=8), tmp, "warm")
+        result["warmup_seconds"] = round(time.perf_counter() - t0, 2)
+        runs = {"local": DataConfig(seq_len=2048, engine="local"),
+                "ray_1_worker": DataConfig(seq_len=2048, engine="ray", workers=1),
+                f"ray_{workers}_workers": DataConfig(seq_len=2048, engine="ray", workers=workers)}
+        fingerprints = set()
+        for name, cfg in runs.items():
+            best = None
+            for r in range(repeats):
+                seconds, manifest, run = _run(inputs, cfg, tmp, f"{name}-{r}")
+                fingerprints.add(manifest["fingerprint"] + "".join(s["sha256"] for s in manifest["shards"]))
+                if best is None or seconds < best[0]:
+                    best = (seconds, manifest, run)
+            seconds, manifest, run = best
+            tokens = manifest["counts"]["tokens_out"]
+            result["engines"][name] = {
+                "seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
+                "records_per_s": round(manifest["counts"]["records"] / seconds, 1),
+                "stages": {k: v for k, v in run.items() if k.endswith("_seconds")}}
+        result["identical_output_across_engines"] = len(fingerprints) == 1
+        e = result["engines"]
+        result["ray_speedup_vs_single_process"] = round(e[f"ray_{workers}_workers"]["tokens_per_s"] / e["local"]["tokens_per_s"], 3)
+        result["ray_speedup_vs_ray_1_worker"] = round(e[f"ray_{workers}_workers"]["tokens_per_s"] / e["ray_1_worker"]["tokens_per_s"], 3)
+        for seq_len in (2048, 8192):
+            _, m, _ = _run(msc, DataConfig(seq_len=seq_len, engine="ray", workers=workers), tmp, f"pack{seq_len}")
+            c = m["counts"]
+            result["packing"][str(seq_len)] = {"packing_efficiency": c["packing_efficiency"], "sequences": c["sequences"],
+                                               "dialogues": c["dialogues"], "split_dialogues": c["split_dialogues"],
+                                               "tokens": c["tokens_out"], "pad_tokens": c["pad_tokens"]}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["load_average_after"] = list(os.getloadavg())
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
