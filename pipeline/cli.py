@@ -112,11 +112,15 @@ def cmd_bench_prep(args) -> int:
 
 
 def cmd_bench_inference(args) -> int:
-    from .bench import bench_inference
+    from .bench_inference import bench_inference
 
-    r = bench_inference(args.model, args.out, utterances=tuple(args.utterances), window=args.window, time_budget_s=args.time_budget)
+    r = bench_inference(args.model, args.out, utterances=tuple(args.utterances), window=args.window,
+                        time_budget_s=args.time_budget, decode_tokens=args.decode_tokens, repeats=args.repeats,
+                        threads=args.threads)
     for n, ratio in r["ratios"].items():
         print(f"{n} utterances: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratio.items()))
+    for s in r["skipped"]:
+        print(f"skipped: {s['policy']} at {s['utterances']} utterances ({s['reason']})")
     print(f"bench: wrote {args.out} and {os.path.splitext(args.out)[0]}.png")
     return 0
 
@@ -137,28 +141,25 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--workers", type=int, help="Ray workers (default: all CPUs)")
     s.set_defaults(fn=cmd_bench_prep)
     s = inner.add_parser("inference", help="K/V bytes and per-token decode latency per cache policy vs utterances")
-    s.add_argument("--model", required=True, help="exported model folder")
+    s.add_argument("--model", required=True, help="exported model folder (or tiny / smollm2)")
     s.add_argument("--out", required=True, help="JSON output (a PNG plot is written next to it)")
     s.add_argument("--utterances", type=int, nargs="+", default=[100, 200, 500, 1000, 2000], help="checkpoints")
     s.add_argument("--window", type=int, default=256, help="streamingllm / recompute window")
     s.add_argument("--time-budget", type=float, default=900.0, help="seconds per policy before skipping points")
+    s.add_argument("--decode-tokens", type=int, default=16, help="tokens per timed reply")
+    s.add_argument("--repeats", type=int, default=5, help="timed replies per point (the median is reported)")
+    s.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 suits a tiny model)")
     s.set_defaults(fn=cmd_bench_inference)
     return inner
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_model, references_from, score_predictions, write_result
+    from .evaluate import evaluate_model, score_files
 
     if args.predictions:
         if not args.references:
             raise ValueError("--predictions needs --references INPUT")
-        if not os.path.isfile(args.predictions):
-            raise FileNotFoundError(f"{args.predictions}: predictions file not found")
-        with open(args.predictions) as f:
-            preds = json.load(f)
-        refs = references_from(args.references)
-        result = {"predictions_file": args.predictions, "references": args.references, "scores": score_predictions(preds, refs)}
-        write_result(result, args.out)
+        result = score_files(args.predictions, args.references, args.out)
         print(json.dumps(result["scores"], indent=1))
     else:
         if not args.model or not args.data:
@@ -166,10 +167,13 @@ def cmd_eval(args) -> int:
         from .config import load_config
 
         cfg = load_config(args.config, list(args.overrides))
-        r = evaluate_model(args.model, args.data, args.out, cache=args.cache or cfg.chat.cache, mask=args.mask,
-                           limit=args.limit, max_new_tokens=cfg.chat.max_new_tokens, chat_cfg=cfg.chat)
-        print(f"ppl ({args.mask} mask) {r['perplexity']['ppl']:.3f}; BLEU-avg {r['generation']['bleu_avg']:.3f}; "
-              f"recall F1 {r['recall_probe']['token_f1']:.3f}")
+        r = evaluate_model(args.model, args.data, args.out, cache=args.cache, mask=args.mask, limit=args.limit,
+                           max_new_tokens=cfg.chat.max_new_tokens, max_tokens=args.max_tokens,
+                           recall_after=args.recall_after, chat_cfg=cfg.chat, batch_size=args.batch_size)
+        p, pc, g, rp = r["perplexity"], r["perplexity_cache"], r["generation"], r["recall_probe"]
+        print(f"ppl ({args.mask} mask) {p['ppl']:.3f}; ppl ({pc['cache']} cache) {pc['ppl']:.3f}; "
+              f"BLEU-1/2/avg {g['bleu1']:.2f}/{g['bleu2']:.2f}/{g['bleu_avg']:.2f}; ROUGE-L {g['rougeL']:.2f}; "
+              f"Distinct-3 {g['distinct3']:.3f}; recall EM {rp['exact_match']:.3f} F1 {rp['token_f1']:.3f} (n={rp['n']})")
     print(f"eval: wrote {args.out} and {os.path.splitext(args.out)[0]}.md")
     return 0
 
@@ -213,20 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("chat", help="multi-turn chat with the StreamingDialogue cache")
-    s.add_argument("--model", required=True, help="exported model folder")
+    s.add_argument("--model", required=True, help="exported model folder (or smollm2 / tiny)")
     s.add_argument("--prompt-file", help="user turns, one per line (non-interactive)")
     s.add_argument("--config", help="YAML recipe (its chat: section is used)")
-    s.add_argument("--cache", choices=["dense", "streamingllm", "streamingdialogue", "recompute"], help="KV cache policy")
+    s.add_argument("--cache", choices=["dense", "streamingllm", "streamingdialogue", "recompute"],
+                   help="KV cache policy (default: chat.cache if set, else the model's convsink.json)")
     s.add_argument("--show-cache", action="store_true", help="print the cache size after every turn")
     s.add_argument("overrides", nargs="*", help=_overrides_help())
     s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("eval", help="perplexity, generation metrics and a recall probe (or score existing predictions)")
-    s.add_argument("--model", help="exported model folder")
+    s.add_argument("--model", help="exported model folder (or smollm2 / tiny)")
     s.add_argument("--data", nargs="+", help="dialogue files")
-    s.add_argument("--cache", choices=["dense", "streamingllm", "streamingdialogue", "recompute"], help="cache policy for generation")
+    s.add_argument("--cache", choices=["dense", "streamingllm", "streamingdialogue", "recompute"],
+                   help="cache policy for generation (default: chat.cache if set, else the model's convsink.json)")
     s.add_argument("--mask", default="dialogue", choices=["dialogue", "causal", "local", "streamingllm", "bigbird"], help="mask for perplexity")
-    s.add_argument("--limit", type=int, default=20, help="dialogues to evaluate")
+    s.add_argument("--limit", type=int, default=20, help="dialogues to evaluate (first N of the files)")
+    s.add_argument("--max-tokens", type=int, default=2048, help="truncate dialogues to this many tokens for perplexity")
+    s.add_argument("--recall-after", type=int, default=10, help="recall probe: turns before asking for the first utterance")
+    s.add_argument("--batch-size", type=int, default=8, help="conversations decoded together")
     s.add_argument("--predictions", help="JSON list of generated strings to score (no model needed)")
     s.add_argument("--references", nargs="+", help="dialogue files whose last utterances are the references")
     s.add_argument("--config", help="YAML recipe (its chat: section is used)")
