@@ -77,34 +77,42 @@ def causal_mask(meta: dict, **_) -> MaskMod:
 
 def smr_mask(meta: dict, **_) -> MaskMod:
     """Short-memory reconstruction: ``[BOS] (u_j EoU u_j' EoU)*``; blk = utt; odd blk = original, even = copy.
-    A token sees BOS and its own block; a copy also sees its original's EoU, so it must be rebuilt from it.
+    A token sees BOS and its own block; a copy also sees its original's EoU, so it must be rebuilt from it::
 
-    ``[BOS] a E a' E'`` (blk 0 1 1 2 2)::
+        k == first(q)  OR  blk(k) == blk(q)  OR  (copy(q) AND eou(k) AND blk(k) == blk(q) - 1)
 
-             B a E a'E'
+    ``[BOS] a E a' E' b E`` (blk 0 1 1 2 2 3 3)::
+
+             B a E a'E'b E
         B    1
         a    1 1
         E    1 1 1
         a'   1 0 1 1
         E'   1 0 1 1 1
+        b    1 0 0 0 0 1
+        E    1 0 0 0 0 1 1
     """
-    blk, eou = meta["blk"], meta["eou"]
+    utt, blk, eou = meta["utt_ids"], meta["blk"], meta["eou"]
 
     def kind(b, h, q, k):
         copy_q = (blk[b, q] > 0) & (blk[b, q] % 2 == 0)
         prev_eou = eou[b, k] & (blk[b, k] == blk[b, q] - 1)
-        return (blk[b, k] == 0) | (blk[b, k] == blk[b, q]) | (copy_q & prev_eou)
+        return (utt[b, k] == 0) | (blk[b, k] == blk[b, q]) | (copy_q & prev_eou)
     return and_masks(causal_same_doc(meta), kind)
 
 
 def lmr_mask(meta: dict, **_) -> MaskMod:
-    """Long-memory reactivation: ``[BOS] (query EoU response EoU)* + a repeated pair``; blk = pair index.
-    A token sees BOS, every EoU, its own utterance, and a response sees its own pair's query: the repeated
-    pair sees only BOS, the history's EoUs and itself.
+    """Long-memory reactivation: ``[BOS] (query EoU response EoU)* + a repeated pair``; blk = pair index::
 
-    ``[BOS] q E r E q' E`` (utt 0 1 1 2 2 3 3, blk 0 1 1 1 1 2 2)::
+        k == first(q)  OR  eou(k)  OR  utt(k) == utt(q)  OR  (response(q) AND k in its pair's query)
 
-             B q E r E q'E
+    "k in its pair's query" is ``blk(k) == blk(q)``: inside a pair the query comes first, so with causality a
+    query token already sees only its own utterance through it. The repeated pair sees only BOS, the history's
+    EoUs and itself.
+
+    ``[BOS] q E r E q' E r' E`` (utt 0 1 1 2 2 3 3 4 4, blk 0 1 1 1 1 2 2 2 2)::
+
+             B q E r E q'E r'E
         B    1
         q    1 1
         E    1 1 1
@@ -112,6 +120,8 @@ def lmr_mask(meta: dict, **_) -> MaskMod:
         E    1 1 1 1 1
         q'   1 0 1 0 1 1
         E    1 0 1 0 1 1 1
+        r'   1 0 1 0 1 1 1 1
+        E    1 0 1 0 1 1 1 1 1
     """
     utt, eou, blk = meta["utt_ids"], meta["eou"], meta["blk"]
 
@@ -183,8 +193,10 @@ def bigbird_mask(meta: dict, bigbird_global: int = 1, bigbird_window: int = 64, 
         rand = bigbird_random_keys(meta, bigbird_random, bigbird_seed)
 
     def kind(b, h, q, k):
-        drawn = (rand[b, q] == k.unsqueeze(-1)).any(-1)  # rand[b, q]: (..., r)
-        return (pos[b, k] < bigbird_global) | (q - k < bigbird_window) | drawn
+        out = (pos[b, k] < bigbird_global) | (q - k < bigbird_window)
+        for i in range(rand.shape[-1]):  # pointwise only (a FlexAttention mask_mod may not reduce)
+            out = out | (rand[b, q, i] == k)
+        return out
     return and_masks(causal_same_doc(meta), kind)
 
 
