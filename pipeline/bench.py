@@ -18,6 +18,12 @@ import torch
 DEFAULT_SEQ_LENS = (2048, 4096, 8192, 16384)
 
 
+def default_data_dir() -> str:
+    """``$CONVSINK_SHARED_DATA``, else ``../shared/data`` beside the repository."""
+    return os.environ.get("CONVSINK_SHARED_DATA") or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
 def msc_utterance_lengths(data_dir: str, limit: int = 4000) -> list[int]:
     """Real utterance token lengths (SmolLM2 tokenizer) from the MSC files, in conversation order."""
     from data_prep.adapters import iter_dialogues
@@ -85,7 +91,7 @@ def _measure(method: str, T: int, heads: int, head_dim: int, lengths: list[int],
 def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_dim: int = 32, repeats: int = 2,
                     data_dir: str | None = None) -> dict:
     """Sink attention vs dense-mask SDPA vs plain causal SDPA, forward+backward, on MSC-shaped conversations."""
-    data_dir = data_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+    data_dir = data_dir or default_data_dir()
     lengths = msc_utterance_lengths(data_dir)
     rows = []
     for T in seq_lens:
@@ -124,7 +130,7 @@ def bench_prep(out: str, data_dir: str | None = None, workers: int | None = None
     from data_prep.config import DataConfig
     from data_prep.prep import prepare
 
-    data_dir = data_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+    data_dir = data_dir or default_data_dir()
     msc = sorted(glob.glob(os.path.join(data_dir, "msc", "*.jsonl")))
     inputs = [os.path.join(data_dir, "personachat", "valid.json")] + msc
     result = {"inputs": inputs, "engines": {}, "packing": {}}
@@ -171,7 +177,7 @@ def bench_inference(model_dir: str, out: str, utterances=(100, 200, 500, 1000, 2
     from .cache import Conversation
     from .chat import load_chat_model
 
-    data_dir = data_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+    data_dir = data_dir or default_data_dir()
     policies = policies or ["dense", "recompute", "streamingllm", "streamingdialogue"]
     model, tok, info = load_chat_model(model_dir)
     convo = long_conversation(tok, data_dir, max(utterances))

@@ -59,7 +59,7 @@ class LocalRayCluster:
         runtime_env = '{"excludes": [".venv", ".git", "runs", "bench", "*.parquet"], "env_vars": {"WANDB_MODE": "offline", "RAY_AUTH_MODE": "disabled"}}'
         cmd = [ray_bin, "job", "submit", "--address", self.address, "--working-dir", working_dir,
                "--runtime-env-json", runtime_env, "--", *entrypoint]
-        for _ in range(24):  # the dashboard answers before its job agent is up, more so on a loaded machine
+        for _ in range(72):  # the dashboard answers before its job agent is up: minutes on a loaded machine
             proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
             if proc.returncode == 0 or "No available agent to submit job" not in proc.stderr + proc.stdout:
                 return proc
