@@ -1,0 +1,178 @@
+"""``convsink bench attention``: sink attention vs dense-mask SDPA vs plain causal SDPA, forward + backward, on
+conversations shaped like Multi-Session Chat (real utterance lengths).
+
+Ratios are measured side by side in one run (the methods alternate at each length); absolute times on a shared CPU
+are noisy. Every method × length runs in its own subprocess, so its peak memory (max RSS) is its own; the JSON also
+gives the peak minus the RSS just before the timed work (inputs already allocated).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+DEFAULT_SEQ_LENS = (2048, 4096, 8192, 16384)
+METHODS = ("sink", "dense_mask", "causal")
+
+
+def default_data_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+def msc_utterance_lengths(data_dir: str | None = None, limit: int = 4000, tokenizer: str = "smollm2") -> list[int]:
+    """Token lengths of real MSC utterances (``msc/*.jsonl``; per episode the previous sessions' then the current
+    session's ``dialog[].text``, in file and turn order), tokenized without special tokens by ``data_prep.tokenizer.load_tokenizer(tokenizer)``."""
+    from data_prep.tokenizer import load_tokenizer
+
+    folder = os.path.join(data_dir or default_data_dir(), "msc")
+    texts: list[str] = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".jsonl"):
+            continue
+        with open(os.path.join(folder, name)) as f:
+            for line in f:
+                if line.strip():  # one MSC episode: all sessions, oldest first (as data_prep reads it)
+                    rec = json.loads(line)
+                    for session in [p.get("dialog", []) for p in rec.get("previous_dialogs") or []] + [rec.get("dialog", [])]:
+                        texts += [t["text"] for t in session]
+                if len(texts) >= limit:
+                    break
+        if len(texts) >= limit:
+            break
+    if not texts:
+        raise FileNotFoundError(f"{folder}: no MSC utterances found")
+    tok = load_tokenizer(tokenizer)
+    return [max(1, len(ids)) for ids in tok(texts[:limit], add_special_tokens=False)["input_ids"]]
+
+
+def conversation_batch(lengths: list[int], T: int, kind: str = "dialogue") -> dict:
+    """One conversation of exactly T tokens, ``[BOS] u1 EoU u2 EoU ...``, utterance lengths taken in order from
+    ``lengths`` (cycled); the metadata of a batch of one row."""
+    utt, eou = [0], [False]
+    i = 0
+    while len(utt) < T:
+        n = lengths[i % len(lengths)]
+        i += 1
+        utt += [i] * (n + 1)
+        eou += [False] * n + [True]
+    ids = torch.tensor([utt[:T]])
+    return {"doc_ids": torch.zeros(1, T, dtype=torch.long), "utt_ids": ids, "blk": ids.clone(),
+            "eou": torch.tensor([eou[:T]]), "position_ids": torch.arange(T)[None], "mask_kind": [kind]}
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def measure(method: str, T: int, heads: int, head_dim: int, lengths: list[int], repeats: int, chunk: int | None = None) -> dict:
+    """Forward + backward seconds (min over ``repeats``) of one method on one conversation of T tokens. The
+    sink method's time includes building its per-batch plan (done once per batch, shared by all layers)."""
+    import torch.nn.functional as F
+
+    from .attention import DenseMaskAttention
+    from .masks import dense_mask
+    from .sink_attention import CHUNK, SinkAttention
+
+    torch.manual_seed(0)
+    batch = conversation_batch(lengths, T)
+    q, k, v = (torch.randn(1, heads, T, head_dim, requires_grad=True) for _ in range(3))  # (B, H, T, D)
+    grad = torch.randn(1, heads, T, head_dim)
+    scale = head_dim ** -0.5
+    base_rss = _rss_gb()
+    times, plan_times, extra = [], [], {}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if method == "sink":
+            attn = SinkAttention(batch, chunk=chunk or CHUNK)
+            plan_times.append(time.perf_counter() - t0)
+            extra["key_fraction_computed"] = attn.keys_computed / attn.keys_dense
+            out = attn(q, k, v, scale)
+        elif method == "dense_mask":
+            out = DenseMaskAttention(dense_mask("dialogue", batch))(q, k, v, scale)
+        elif method == "causal":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        out.backward(grad)
+        times.append(time.perf_counter() - t0)
+        q.grad = k.grad = v.grad = None
+        del out
+    if plan_times:
+        extra["plan_seconds"] = min(plan_times)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
+    return {"method": method, "T": T, "seconds": min(times), "all_seconds": times, "peak_rss_gb": peak,
+            "peak_rss_delta_gb": peak - base_rss, **extra}
+
+
+def _run_isolated(args: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.bench_attention", "_measure"], input=json.dumps(args),
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()
+        return {"method": args["method"], "T": args["T"], "error": tail[-1] if tail else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_dim: int = 32, repeats: int = 3,
+                    data_dir: str | None = None, chunk: int | None = None, methods=METHODS) -> dict:
+    """Sink attention vs dense-mask SDPA vs plain causal SDPA (``is_causal=True``), forward + backward, fp32, one
+    MSC-shaped conversation per row, at each length of ``seq_lens``; writes and returns the JSON."""
+    from .sink_attention import CHUNK
+
+    lengths = msc_utterance_lengths(data_dir)
+    rows = []
+    for T in seq_lens:
+        for method in methods:
+            rows.append(_run_isolated({"method": method, "T": T, "heads": heads, "head_dim": head_dim,
+                                       "lengths": lengths, "repeats": repeats, "chunk": chunk}))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "all_seconds"}), flush=True)
+    by = {(r["method"], r["T"]): r for r in rows}
+    summary = []
+    for T in seq_lens:
+        s, d, c = (by.get((m, T), {}) for m in METHODS)
+        if not all("seconds" in r for r in (s, d, c)):
+            continue
+        summary.append({"T": T, "sink_s": s["seconds"], "dense_mask_s": d["seconds"], "causal_s": c["seconds"],
+                        "sink_plan_s": s.get("plan_seconds"),
+                        "speedup_vs_dense_mask": d["seconds"] / s["seconds"], "speedup_vs_causal": c["seconds"] / s["seconds"],
+                        "sink_us_per_token": 1e6 * s["seconds"] / T,
+                        "key_fraction_computed": s.get("key_fraction_computed"),
+                        "sink_peak_rss_gb": s["peak_rss_gb"], "dense_mask_peak_rss_gb": d["peak_rss_gb"],
+                        "causal_peak_rss_gb": c["peak_rss_gb"], "sink_peak_rss_delta_gb": s["peak_rss_delta_gb"],
+                        "dense_mask_peak_rss_delta_gb": d["peak_rss_delta_gb"], "causal_peak_rss_delta_gb": c["peak_rss_delta_gb"]})
+    mean_len = sum(lengths) / len(lengths)
+    result = {"setting": {"heads": heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "repeats": repeats,
+                          "timing": "forward + backward, min over repeats; sink includes building its plan",
+                          "mask": "dialogue", "chunk": chunk or CHUNK,
+                          "utterance_lengths": "real MSC utterances (msc/*.jsonl, all sessions of each episode oldest first, SmolLM2 tokenizer, "
+                                               "no special tokens), one conversation per row, utterances in file order",
+                          "utterances_sampled": len(lengths), "mean_utterance_tokens": mean_len,
+                          "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": "cpu",
+                          "torch": torch.__version__},
+              "rows": rows, "summary": summary}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def format_summary(result: dict) -> str:
+    """A Markdown table of the summary (for the README)."""
+    lines = ["| T | sink (s) | dense-mask SDPA (s) | causal SDPA (s) | vs dense-mask | vs causal | keys computed | "
+             "peak RSS sink / dense-mask / causal (GB) |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["summary"]:
+        lines.append(f"| {r['T']} | {r['sink_s']:.3f} | {r['dense_mask_s']:.3f} | {r['causal_s']:.3f} | "
+                     f"{r['speedup_vs_dense_mask']:.1f}x | {r['speedup_vs_causal']:.1f}x | {r['key_fraction_computed']:.2%} | "
+                     f"{r['sink_peak_rss_gb']:.2f} / {r['dense_mask_peak_rss_gb']:.2f} / {r['causal_peak_rss_gb']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["_measure"]:
+    print(json.dumps(measure(**json.loads(sys.stdin.read()))))
