@@ -22,7 +22,9 @@ METHODS = ("sink", "dense_mask", "causal")
 
 
 def default_data_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+    """``$CONVSINK_SHARED_DATA``, else ``../shared/data`` beside the repository."""
+    return os.environ.get("CONVSINK_SHARED_DATA") or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 
 def msc_utterance_lengths(data_dir: str | None = None, limit: int = 4000, tokenizer: str = "smollm2") -> list[int]:
