@@ -24,7 +24,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--format", choices=["auto", "canonical", "personachat", "msc", "messages"])
     p.add_argument("--engine", choices=["ray", "local"], default="ray")
     p.add_argument("--workers", type=int)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # inputs and overrides may come before or after the options
     args.inputs = [i for i in args.items if not _OVERRIDE.match(i)]
     args.overrides = [i for i in args.items if _OVERRIDE.match(i)]
     return args

@@ -35,7 +35,11 @@ class LocalRayCluster:
         self.proc = subprocess.Popen(
             [ray_bin, "start", "--head", "--block", "--port", str(self.port), "--node-ip-address", "127.0.0.1",
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-             "--ray-client-server-port", str(self.client_port), "--temp-dir", self.temp_dir, "--num-cpus", str(num_cpus)],
+             "--ray-client-server-port", str(self.client_port), "--temp-dir", self.temp_dir, "--num-cpus", str(num_cpus),
+             # the agents' default ports (52365, ...) are taken when another cluster runs on this machine: then the
+             # job agent never starts ("No available agent to submit job")
+             "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+             "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self._wait_ready()
