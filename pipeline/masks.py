@@ -17,6 +17,16 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 META_COLUMNS = ("doc_ids", "utt_ids", "eou", "blk", "position_ids")
 
 
+def check_meta(meta: dict) -> None:
+    """Every metadata column must be ``(B, T)`` like ``doc_ids``: masks always need the FULL sequence (with
+    sequence parallelism, build the attention before ``shard_sequence`` slices ``position_ids``)."""
+    shape = tuple(meta["doc_ids"].shape)
+    for c in META_COLUMNS:
+        if c in meta and tuple(meta[c].shape) != shape:
+            raise ValueError(f"mask metadata {c} has shape {tuple(meta[c].shape)}, doc_ids {shape}: masks need the full "
+                             "sequence (build the attention before shard_sequence)")
+
+
 def and_masks(*mods: MaskMod) -> MaskMod:
     def mod(b, h, q, k):
         out = mods[0](b, h, q, k)
@@ -232,6 +242,7 @@ def dense_mask(kind: str, batch: dict, **params) -> torch.Tensor:
 def batch_dense_mask(batch: dict, kinds: list[str] | None = None, **params) -> torch.Tensor:
     """``(B, T, T)`` mask where row b uses its own ``mask_kind`` (batches may mix SMR and LMR samples)."""
     kinds = kinds if kinds is not None else list(batch["mask_kind"])
+    check_meta(batch)
     out = torch.empty(batch["doc_ids"].shape + batch["doc_ids"].shape[-1:], dtype=torch.bool, device=batch["doc_ids"].device)
     full = {c: batch[c] for c in META_COLUMNS if c in batch}
     if "bigbird" in kinds and "bigbird_random_keys" not in batch:  # drawn per batch row, whatever the other rows

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 
 def check_sp_size(num_heads: int, num_kv_heads: int, sp: int) -> None:
-    if num_heads % sp or num_kv_heads % sp:
+    """Ulysses splits the query AND the key/value heads over the ``sp`` ranks: both must be divisible."""
+    if sp < 1 or num_heads % sp or num_kv_heads % sp:
         raise ValueError(f"sequence_parallel_size={sp} must divide num_heads={num_heads} and num_kv_heads={num_kv_heads}")
 
 
@@ -59,23 +60,33 @@ def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def ulysses_attention(attn_fn, group):
-    """Wrap an attention callable ``(q, k, v, scaling) -> out`` prepared for the full sequence."""
+    """Wrap an attention callable ``(q, k, v, scaling) -> out`` prepared for the FULL sequence (full-length
+    metadata) into one taking this rank's contiguous sequence shard. Autograd-correct: the all-to-all is its
+    own adjoint. Head group r of the query maps onto kv-head group r, so grouped-query attention is kept."""
 
     def attend(query, key, value, scaling):
-        q, k, v = (seq_to_heads(t, group) for t in (query, key, value))
+        # query (B, H, T/P, D); key/value (B, Hkv, T/P, D) → (B, H, T/P, D)
+        check_sp_size(query.shape[1], key.shape[1], dist.get_world_size(group))
+        q, k, v = (seq_to_heads(t, group) for t in (query, key, value))  # (B, H/P, T, D), (B, Hkv/P, T, D)
         return heads_to_seq(attn_fn(q, k, v, scaling), group)
 
     return attend
 
 
+SHARDED_COLUMNS = ("input_ids", "position_ids", "targets", "labels")
+
+
 def shard_sequence(batch: dict, rank: int, size: int) -> dict:
-    """This rank's contiguous token slice of the per-token training columns; metadata stays full length."""
+    """This rank's contiguous token slice ``[rank·T/size, (rank+1)·T/size)`` of the per-token training columns
+    (``SHARDED_COLUMNS``, those present); the mask metadata (doc_ids, utt_ids, eou, blk) and ``mask_kind`` stay
+    full length, because the attention runs on the whole sequence. ``targets`` should be shifted before the
+    split (``pipeline.data.targets_from_labels``) so the prediction across a shard boundary is kept."""
     T = batch["input_ids"].shape[1]
     if T % size:
         raise ValueError(f"sequence length {T} is not divisible by sequence_parallel_size={size}")
     n = T // size
     out = dict(batch)
-    for c in ("input_ids", "position_ids", "targets", "labels"):
+    for c in SHARDED_COLUMNS:
         if c in batch:
             out[c] = batch[c][:, rank * n:(rank + 1) * n]
     return out

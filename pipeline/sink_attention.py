@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .masks import META_COLUMNS, bigbird_random_keys, mask_mod
+from .masks import META_COLUMNS, bigbird_random_keys, check_meta, mask_mod
 
 CHUNK = 128
 SINK_KINDS = ("dialogue", "smr", "lmr")  # sinks: BOS + every EoU
@@ -45,6 +45,9 @@ WINDOW_PARAM = {"local": "local_window", "streamingllm": "sink_window", "bigbird
 def batch_meta(batch: dict, **params) -> dict:
     """The ``(B, T)`` metadata columns of ``batch``, plus the BigBird random draws ``(B, T, r)`` if a row needs them."""
     meta = {c: batch[c] for c in META_COLUMNS if c in batch}
+    check_meta(meta)
+    if len(batch["mask_kind"]) != meta["doc_ids"].shape[0]:
+        raise ValueError(f"{len(batch['mask_kind'])} mask kinds for {meta['doc_ids'].shape[0]} rows")
     if "bigbird" in batch["mask_kind"]:
         meta["bigbird_random_keys"] = batch.get("bigbird_random_keys")
         if meta["bigbird_random_keys"] is None:
