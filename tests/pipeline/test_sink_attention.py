@@ -31,20 +31,22 @@ def qkv(B, T, H=4, Hkv=2, D=16, seed=0):
     return q, k, v
 
 
-def compare(batch, chunk=64, H=4, Hkv=2, D=16, seed=0):
-    """Max abs differences of output and of the q/k/v gradients; returns the fraction of keys computed."""
+def compare(batch, chunk=64, H=4, Hkv=2, D=16, seed=0, ref_dtype=torch.float32):
+    """Output and q/k/v gradients of the fp32 sink attention vs DenseMaskAttention computed in ``ref_dtype``,
+    max abs difference <= 1e-5; returns the fraction of the T×T (query, key) pairs the sink attention computed."""
     B, T = batch["doc_ids"].shape
     q, k, v = qkv(B, T, H, Hkv, D, seed)
-    ref = DenseMaskAttention(batch_dense_mask(batch, **PARAMS))(q, k, v, D ** -0.5)
+    grad = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(seed + 1))
+    rq, rk, rv = (t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v))
+    ref = DenseMaskAttention(batch_dense_mask(batch, **PARAMS))(rq, rk, rv, D ** -0.5)
+    g_ref = torch.autograd.grad(ref, (rq, rk, rv), grad.to(ref_dtype))
     sink = SinkAttention(batch, chunk=chunk, **PARAMS)
     out = sink(q, k, v, D ** -0.5)
-    assert out.shape == (B, H, T, D)
-    grad = torch.randn_like(ref)
-    g_ref = torch.autograd.grad(ref, (q, k, v), grad)
+    assert out.shape == (B, H, T, D) and out.dtype == torch.float32
     g_out = torch.autograd.grad(out, (q, k, v), grad)
-    assert (out - ref).abs().max() <= TOL
+    assert (out.double() - ref.double()).abs().max() <= TOL
     for name, a, b in zip("qkv", g_out, g_ref):
-        assert (a - b).abs().max() <= TOL, f"d{name}"
+        assert (a.double() - b.double()).abs().max() <= TOL, f"d{name}"
     return sink.keys_computed / sink.keys_dense
 
 
@@ -103,10 +105,20 @@ def test_computed_fraction_shrinks_with_length():
 @pytest.mark.slow
 @pytest.mark.parametrize("T", [2048, 4096])
 def test_long_rows_match_dense(T):
+    """Dialogues of up to 60 utterances: a BOS/EoU key collects gradient from ~1000 queries, and the fp32 dense
+    reference's own summation error in dK/dV reaches ~1.5e-5 (measured against fp64). So the reference here is
+    DenseMaskAttention in fp64, which the fp32 sink attention matches within 1e-5."""
     kinds = ["dialogue", "lmr", "smr", "bigbird"]
     frac = compare(random_packed_batch(len(kinds), T, kinds, seed=T, max_utt_len=30, max_utts=60), chunk=128,
-                   H=2, Hkv=1, D=8)
+                   H=2, Hkv=1, D=8, ref_dtype=torch.float64)
     assert frac < 0.25
+
+
+@pytest.mark.slow
+def test_long_rows_match_fp32_dense_for_short_dialogues():
+    """T = 4096 packed with PersonaChat-sized dialogues (<= 9 utterances): fp32 against fp32, 1e-5."""
+    kinds = ["dialogue", "lmr"]
+    compare(random_packed_batch(len(kinds), 4096, kinds, seed=1, max_utt_len=30), chunk=128, H=2, Hkv=1, D=8)
 
 
 def test_tiny_llama_logits_and_grads_equal_dense(tokenizer):
