@@ -32,6 +32,7 @@ class DataConfig(Strict):
     speaker_tags: bool = Field(False, description="prefix each utterance with its speaker ('A: ...')")
     seq_len: int = Field(1024, ge=8, description="tokens per packed training sequence")
     max_dialogues: int | None = Field(None, ge=1, description="use at most this many dialogues per input file (None = all)")
+    packing: Literal["ffd_fill", "ffd"] = Field("ffd_fill", description="ffd = first-fit-decreasing; ffd_fill = FFD, then its loose bins repacked by bin completion (never more sequences than FFD)")
     shard_rows: int = Field(512, ge=1, description="sequences per Parquet shard")
     on_bad_record: Literal["error", "skip"] = Field("error", description="stop at the first bad record, or quarantine it in rejected.jsonl")
     seed: int = Field(0, description="seed for memory-task sampling")

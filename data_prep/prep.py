@@ -5,7 +5,7 @@
 
 Steps: resolve inputs (paths, globs, URIs) → hash them (fingerprint; an output with the same fingerprint is
 reused) → read/validate/tokenize/window on the chosen engine (``ray``: Ray Data, ``local``: the single-process
-reference loop; same bytes out) → memory-task samples → first-fit-decreasing plan → shards → manifest.
+reference loop; same bytes out) → memory-task samples → packing plan (``packing.pack_bins``) → shards → manifest.
 
 The output folder is written under a temporary name and renamed when complete, so an interrupted or failed
 prep never leaves a folder with a manifest. The manifest depends only on the inputs, the output-relevant config
@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from .config import DataConfig
 from .items import ITEM_SCHEMA
 from .memory_tasks import Corpus, build_lmr, build_smr, lmr_ineligible, smr_plan
-from .packing import ffd_bins
+from .packing import pack_bins
 from .progress import Progress
 from .reader import input_metas
 from .schema import DataError
@@ -244,7 +244,7 @@ def _memory_items(engine, items: pa.Table, window: np.ndarray, cfg: DataConfig, 
 
 def _shard_jobs(kind: str, items: pa.Table, cfg: DataConfig) -> tuple[list, dict]:
     lengths = pc.list_value_length(items["input_ids"]).to_numpy(zero_copy_only=False).tolist()
-    bins = ffd_bins(lengths, cfg.seq_len, items["dialogue_id"].to_pylist())
+    bins = pack_bins(lengths, cfg.seq_len, cfg.packing, items["dialogue_id"].to_pylist())
     jobs = []
     for k in range(0, len(bins), cfg.shard_rows):
         part = bins[k:k + cfg.shard_rows]

@@ -65,3 +65,28 @@ def test_pack_table_equals_build_row():
     for r in got.to_pylist():
         real = [d for d in r["doc_ids"] if d >= 0]
         assert r["doc_ids"][:len(real)] == real and all(d == -1 for d in r["doc_ids"][len(real):]), "padding only at the end"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fill_and_ffd_then_fill_keep_items_intact_and_never_lose_to_ffd(seed):
+    from data_prep.packing import ffd_then_fill, fill_bins
+
+    rng = np.random.default_rng(seed)
+    seq_len = int(rng.integers(64, 2048))
+    lengths = rng.integers(1, seq_len + 1, size=int(rng.integers(1, 600))).tolist()
+    for bins in (fill_bins(lengths, seq_len), ffd_then_fill(lengths, seq_len)):
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in b) <= seq_len for b in bins)
+    assert len(ffd_then_fill(lengths, seq_len)) <= len(ffd_bins(lengths, seq_len))
+    assert ffd_then_fill(lengths, seq_len) == ffd_then_fill(list(lengths), seq_len), "deterministic"
+
+
+def test_ffd_then_fill_beats_ffd_where_ffd_leaves_a_sparse_tail():
+    from data_prep.packing import ffd_then_fill, pack_bins
+
+    # FFD: 5+4, 4+3+2, 2 -> 3 bins; bin completion: 5+3+2, 4+4+2 -> 2 bins (both full)
+    lengths = [5, 4, 4, 3, 2, 2]
+    assert len(pack_bins(lengths, 10, "ffd")) == 3
+    assert ffd_then_fill(lengths, 10) == pack_bins(lengths, 10) == [[0, 3, 4], [1, 2, 5]]
+    with pytest.raises(ValueError, match="unknown packing"):
+        pack_bins(lengths, 10, "best")
