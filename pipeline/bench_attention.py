@@ -73,10 +73,14 @@ def _rss_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def measure(method: str, T: int, heads: int, head_dim: int, lengths: list[int], repeats: int, chunk: int | None = None) -> dict:
+def measure(method: str, T: int, heads: int, head_dim: int, lengths: list[int], repeats: int, chunk: int | None = None,
+            threads: int | None = None) -> dict:
     """Forward + backward seconds (min over ``repeats``) of one method on one conversation of T tokens. The
     sink method's time includes building its per-batch plan (done once per batch, shared by all layers)."""
     import torch.nn.functional as F
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from .attention import DenseMaskAttention
     from .masks import dense_mask
@@ -123,17 +127,20 @@ def _run_isolated(args: dict) -> dict:
 
 
 def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_dim: int = 32, repeats: int = 3,
-                    data_dir: str | None = None, chunk: int | None = None, methods=METHODS) -> dict:
+                    data_dir: str | None = None, chunk: int | None = None, threads: int | None = None,
+                    methods=METHODS) -> dict:
     """Sink attention vs dense-mask SDPA vs plain causal SDPA (``is_causal=True``), forward + backward, fp32, one
     MSC-shaped conversation per row, at each length of ``seq_lens``; writes and returns the JSON."""
     from .sink_attention import CHUNK
 
     lengths = msc_utterance_lengths(data_dir)
+    load_at_start = os.getloadavg()[0]
     rows = []
     for T in seq_lens:
         for method in methods:
             rows.append(_run_isolated({"method": method, "T": T, "heads": heads, "head_dim": head_dim,
-                                       "lengths": lengths, "repeats": repeats, "chunk": chunk}))
+                                       "lengths": lengths, "repeats": repeats, "chunk": chunk,
+                                       "threads": threads}))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "all_seconds"}), flush=True)
     by = {(r["method"], r["T"]): r for r in rows}
     summary = []
@@ -156,7 +163,8 @@ def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_di
                           "utterance_lengths": "real MSC utterances (msc/*.jsonl, all sessions of each episode oldest first, SmolLM2 tokenizer, "
                                                "no special tokens), one conversation per row, utterances in file order",
                           "utterances_sampled": len(lengths), "mean_utterance_tokens": mean_len,
-                          "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": "cpu",
+                          "torch_threads": threads or torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": "cpu",
+                          "load_average_at_start": load_at_start,
                           "torch": torch.__version__},
               "rows": rows, "summary": summary}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
