@@ -99,6 +99,7 @@ def measure(method: str, T: int, heads: int, head_dim: int, lengths: list[int], 
             attn = SinkAttention(batch, chunk=chunk or CHUNK)
             plan_times.append(time.perf_counter() - t0)
             extra["key_fraction_computed"] = attn.keys_computed / attn.keys_dense
+            extra["mask_fraction"] = sum(int(m.sum()) for plan in attn.plans for *_, m in plan) / (T * T)  # allowed pairs
             out = attn(q, k, v, scale)
         elif method == "dense_mask":
             out = DenseMaskAttention(dense_mask("dialogue", batch))(q, k, v, scale)
@@ -142,20 +143,7 @@ def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_di
                                        "lengths": lengths, "repeats": repeats, "chunk": chunk,
                                        "threads": threads}))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "all_seconds"}), flush=True)
-    by = {(r["method"], r["T"]): r for r in rows}
-    summary = []
-    for T in seq_lens:
-        s, d, c = (by.get((m, T), {}) for m in METHODS)
-        if not all("seconds" in r for r in (s, d, c)):
-            continue
-        summary.append({"T": T, "sink_s": s["seconds"], "dense_mask_s": d["seconds"], "causal_s": c["seconds"],
-                        "sink_plan_s": s.get("plan_seconds"),
-                        "speedup_vs_dense_mask": d["seconds"] / s["seconds"], "speedup_vs_causal": c["seconds"] / s["seconds"],
-                        "sink_us_per_token": 1e6 * s["seconds"] / T,
-                        "key_fraction_computed": s.get("key_fraction_computed"),
-                        "sink_peak_rss_gb": s["peak_rss_gb"], "dense_mask_peak_rss_gb": d["peak_rss_gb"],
-                        "causal_peak_rss_gb": c["peak_rss_gb"], "sink_peak_rss_delta_gb": s["peak_rss_delta_gb"],
-                        "dense_mask_peak_rss_delta_gb": d["peak_rss_delta_gb"], "causal_peak_rss_delta_gb": c["peak_rss_delta_gb"]})
+    summary, scaling = summarize(rows, seq_lens)
     mean_len = sum(lengths) / len(lengths)
     result = {"setting": {"heads": heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "repeats": repeats,
                           "timing": "forward + backward, min over repeats; sink includes building its plan",
@@ -166,20 +154,49 @@ def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_di
                           "torch_threads": threads or torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": "cpu",
                           "load_average_at_start": load_at_start,
                           "torch": torch.__version__},
-              "rows": rows, "summary": summary}
+              "rows": rows, "summary": summary, "scaling": scaling}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     return result
 
 
+def summarize(rows: list[dict], seq_lens) -> tuple[list[dict], dict]:
+    """Per length: times, speedups, computed fraction, time per computed (query, key) pair, peak memory; and the
+    growth exponent of each method's time between consecutive lengths (1 = linear, 2 = quadratic)."""
+    import math
+
+    by = {(r["method"], r["T"]): r for r in rows}
+    summary = []
+    for T in seq_lens:
+        s, d, c = (by.get((m, T), {}) for m in METHODS)
+        if not all("seconds" in r for r in (s, d, c)):
+            continue
+        frac = s.get("key_fraction_computed")
+        summary.append({"T": T, "sink_s": s["seconds"], "dense_mask_s": d["seconds"], "causal_s": c["seconds"],
+                        "sink_plan_s": s.get("plan_seconds"),
+                        "speedup_vs_dense_mask": d["seconds"] / s["seconds"], "speedup_vs_causal": c["seconds"] / s["seconds"],
+                        "sink_us_per_token": 1e6 * s["seconds"] / T, "key_fraction_computed": frac,
+                        "mask_fraction": s.get("mask_fraction"),
+                        "sink_ns_per_computed_pair": 1e9 * s["seconds"] / (frac * T * T) if frac else None,
+                        "sink_peak_rss_gb": s["peak_rss_gb"], "dense_mask_peak_rss_gb": d["peak_rss_gb"],
+                        "causal_peak_rss_gb": c["peak_rss_gb"], "sink_peak_rss_delta_gb": s["peak_rss_delta_gb"],
+                        "dense_mask_peak_rss_delta_gb": d["peak_rss_delta_gb"], "causal_peak_rss_delta_gb": c["peak_rss_delta_gb"]})
+    scaling = {}
+    for a, b in zip(summary, summary[1:]):
+        r = math.log(b["T"] / a["T"])
+        scaling[f"{a['T']}->{b['T']}"] = {m: math.log(b[f"{m}_s"] / a[f"{m}_s"]) / r for m in METHODS}
+    return summary, scaling
+
+
 def format_summary(result: dict) -> str:
     """A Markdown table of the summary (for the README)."""
-    lines = ["| T | sink (s) | dense-mask SDPA (s) | causal SDPA (s) | vs dense-mask | vs causal | keys computed | "
-             "peak RSS sink / dense-mask / causal (GB) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| T | sink (s) | dense-mask SDPA (s) | causal SDPA (s) | vs dense-mask | vs causal | pairs computed "
+             "(mask allows) | peak RSS sink / dense-mask / causal (GB) |", "|---|---|---|---|---|---|---|---|"]
     for r in result["summary"]:
         lines.append(f"| {r['T']} | {r['sink_s']:.3f} | {r['dense_mask_s']:.3f} | {r['causal_s']:.3f} | "
-                     f"{r['speedup_vs_dense_mask']:.1f}x | {r['speedup_vs_causal']:.1f}x | {r['key_fraction_computed']:.2%} | "
+                     f"{r['speedup_vs_dense_mask']:.1f}x | {r['speedup_vs_causal']:.1f}x | {r['key_fraction_computed']:.2%} "
+                     f"({r['mask_fraction']:.2%}) | "
                      f"{r['sink_peak_rss_gb']:.2f} / {r['dense_mask_peak_rss_gb']:.2f} / {r['causal_peak_rss_gb']:.2f} |")
     return "\n".join(lines)
 
