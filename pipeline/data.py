@@ -1,6 +1,7 @@
 """Shard loader: each data-parallel rank reads a disjoint, deterministic slice; resumable at the exact sample.
 
-The sample stream is an endless sequence of epochs, each a seeded permutation of the rows. Optimizer step s
+The sample stream is an endless sequence of seeded epochs per mask kind, the kinds taking turns (so memory-stage
+batches mix SMR and LMR). Optimizer step s
 consumes global samples ``[s * G, (s + 1) * G)`` with ``G = micro_batch * grad_accum * dp_size``; inside a step,
 micro-step m of rank r takes the ``micro_batch`` samples starting at ``s*G + (m * dp_size + r) * micro_batch``.
 So the position in the data is a function of the step alone: a resume at step s reads exactly what an
@@ -9,7 +10,8 @@ uninterrupted run would have read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,9 +29,22 @@ class ShardData:
     arrays: dict
     mask_kind: list
     seq_len: int
+    order: dict = field(default_factory=dict, repr=False)
+    order_key: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.mask_kind)
+
+    @property
+    def kinds(self) -> list:
+        """The mask kinds present, sorted."""
+        return sorted(self.rows_of)
+
+    @functools.cached_property
+    def rows_of(self) -> dict:
+        """Row indices per mask kind."""
+        kinds = np.asarray(self.mask_kind)
+        return {k: np.flatnonzero(kinds == k) for k in sorted(set(self.mask_kind))}
 
 
 def load_shards(data_dir: str, stage: str = "dialogue") -> ShardData:
@@ -46,21 +61,29 @@ def load_shards(data_dir: str, stage: str = "dialogue") -> ShardData:
     return ShardData(arrays, table["mask_kind"].to_pylist(), arrays["input_ids"].shape[1])
 
 
-def global_index(sample: int, n_rows: int, seed: int) -> int:
-    """Row of the ``sample``-th sample of the endless stream (epoch e = a permutation seeded by (seed, e))."""
-    epoch, within = divmod(sample, n_rows)
-    return int(_permutation(n_rows, seed, epoch)[within])
+def kind_order(rows: np.ndarray, seed: int, kind: int, epoch: int) -> np.ndarray:
+    """One epoch of one mask kind's rows: a permutation seeded by (seed, kind, epoch)."""
+    return np.random.default_rng([seed, kind, epoch]).permutation(rows)
 
 
-_perm_cache: dict = {}
+def global_index(sample: int, data: "ShardData", seed: int) -> int:
+    """Row of the ``sample``-th sample of the endless stream.
 
+    The K mask kinds of a stage take turns: sample i is of kind ``i % K``, the ``i // K``-th sample of that
+    kind's own endless stream of seeded epochs. So any K consecutive samples hold every kind, and a memory-stage
+    micro-batch of two or more samples always mixes SMR and LMR (the tasks weigh equally, whatever their row
+    counts)::
 
-def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    key = (n, seed, epoch)
-    if key not in _perm_cache:
-        _perm_cache.clear()
-        _perm_cache[key] = np.random.default_rng([seed, epoch]).permutation(n)
-    return _perm_cache[key]
+        sample   0    1    2    3    4    5   ...
+        kind     lmr  smr  lmr  smr  lmr  smr
+    """
+    kinds = data.kinds
+    k = sample % len(kinds)
+    rows = data.rows_of[kinds[k]]
+    epoch, within = divmod(sample // len(kinds), len(rows))
+    if data.order_key.get(k) != (seed, epoch):  # one epoch per kind kept at a time
+        data.order[k], data.order_key[k] = kind_order(rows, seed, k, epoch), (seed, epoch)
+    return int(data.order[k][within])
 
 
 def targets_from_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -76,7 +99,7 @@ def micro_batch(data: ShardData, step: int, micro: int, *, micro_size: int, grad
     """The batch of rank ``dp_rank`` for micro-step ``micro`` of optimizer step ``step``."""
     per_step = micro_size * grad_accum * dp_size
     start = step * per_step + (micro * dp_size + dp_rank) * micro_size
-    rows = [global_index(start + i, len(data), seed) for i in range(micro_size)]
+    rows = [global_index(start + i, data, seed) for i in range(micro_size)]
     batch = {c: torch.from_numpy(np.ascontiguousarray(data.arrays[c][rows])) for c in TENSOR_COLUMNS}
     for c in TENSOR_COLUMNS:
         batch[c] = batch[c].bool() if c == "eou" else batch[c].long()
