@@ -1,0 +1,32 @@
+"""Fixtures of the Slurm tests: tiny shards and a tiny recipe (seq_len 128, 2 ranks)."""
+
+from __future__ import annotations
+
+import pytest
+
+TINY_YAML = """\
+data: {seq_len: 128}
+model: {max_position_embeddings: 512, hidden_size: 32, intermediate_size: 64, attention: dense}
+train: {nproc: 2, micro_batch_size: 2, grad_accum: 1, lr: 5.0e-3, warmup_steps: 1, max_steps: 20, save_every: 2}
+wandb: {mode: offline}
+"""
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, shared_data):
+    from data_prep.prep import prepare
+    from pipeline.config import load_config
+
+    out = tmp_path_factory.mktemp("data") / "shards"
+    cfg = load_config(None, ["data.seq_len=128", "data.max_dialogues=40", "data.engine=local"])
+    prepare([str(shared_data / "personachat" / "valid.json")], str(out), cfg.data, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def recipe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(TINY_YAML)
+    return str(path)
+
+
