@@ -38,7 +38,7 @@ class DataConfig(Strict):
     seed: int = Field(0, description="seed for memory-task sampling")
     engine: Literal["ray", "local"] = Field("ray", description="ray = Ray Data pipeline on an embedded local Ray (or the cluster of RAY_ADDRESS); local = the single-process reference loop")
     workers: int | None = Field(None, ge=1, description="Ray workers = parallel tasks and CPUs of an embedded Ray (None = all CPUs)")
-    chunk_records: int = Field(64, ge=1, description="input records per Ray read/tokenize task (the output never depends on it)")
+    chunk_records: int | None = Field(None, ge=1, description="input records per Ray read/tokenize task (None = about 4 tasks per worker, 16 to 2048 records each; the output never depends on it)")
     memory_chunk: int = Field(512, ge=1, description="SMR/LMR samples per Ray task (the output never depends on it)")
     smr: SMRConfig = Field(default_factory=SMRConfig, description="short-memory reconstruction samples")
     lmr: LMRConfig = Field(default_factory=LMRConfig, description="long-memory reactivation samples")

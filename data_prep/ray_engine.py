@@ -97,7 +97,7 @@ class RayEngine:
     def pieces(self, paths: list[str], metas: list[dict]) -> Iterator[pa.Table]:
         import ray.data
 
-        tasks = chunk_tasks(paths, metas, self.cfg)
+        tasks = chunk_tasks(paths, metas, self.cfg, self.workers)
         if not tasks:
             return
         rows = [t.to_row() for t in tasks]

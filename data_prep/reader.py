@@ -1,7 +1,7 @@
 """Read → validate → tokenize → window, one chunk of records at a time (the work the Ray engine spreads out).
 
 The driver ``plan_inputs``: one pass per file for its sha256, format and chunks (byte ranges of
-``chunk_records`` JSON lines with their first line number; a whole-file format such as PersonaChat is split
+JSON lines with their first line number; a whole-file format such as PersonaChat is split
 into records on the driver, which has read the file anyway). A worker ``process_chunk``: reads its byte range,
 parses and validates each record, tokenizes all utterances of the chunk in one batched call and lays them out
 in windows, giving a *pieces* table (``items.PIECE_SCHEMA``). The result depends on the chunk's records only,
@@ -39,6 +39,7 @@ class ChunkTask:
     first_line: int
     first_record: int
     payload: bytes = b""  # whole-file formats: pickled [(key, turns, line) | DataError]
+    records: int = 0
 
     def to_row(self) -> dict:
         return dict(self.__dict__)
@@ -49,27 +50,50 @@ def input_metas(paths: list[str], cfg: DataConfig) -> list[dict]:
     written to the manifest) the byte ranges of its JSON-lines chunks."""
     metas = []
     for path in paths:
-        sc = scan(path, cfg.chunk_records, cfg.max_dialogues, lines=cfg.format not in WHOLE_FILE_FORMATS)
+        sc = scan(path, cfg.chunk_records or FINE_CHUNK, cfg.max_dialogues, lines=cfg.format not in WHOLE_FILE_FORMATS)
         fmt = detect_format_from_line(path, sc.first_line) if cfg.format == "auto" else cfg.format
         metas.append({"path": canonical_path(path), "name": display_name(path), "sha256": sc.sha256,
                       "bytes": sc.size, "format": fmt, "_chunks": sc.chunks})
     return metas
 
 
-def chunk_tasks(paths: list[str], metas: list[dict], cfg: DataConfig) -> list[ChunkTask]:
-    """The chunk tasks of all inputs, in input order. Whole-file formats are split into records here."""
-    tasks = []
+FINE_CHUNK = 16  # records per scanned chunk when data.chunk_records is None (merged into tasks below)
+MAX_AUTO_CHUNK = 2048
+
+
+def chunk_tasks(paths: list[str], metas: list[dict], cfg: DataConfig, workers: int = 1) -> list[ChunkTask]:
+    """The chunk tasks of all inputs, in input order. Whole-file formats are split into records here. With
+    ``data.chunk_records`` unset, consecutive chunks of a file are merged so that there are about 4 tasks per
+    worker (small tasks cost more in scheduling than they do in work)."""
+    size = cfg.chunk_records or FINE_CHUNK
+    fine: list[ChunkTask] = []
     for fi, (path, meta) in enumerate(zip(paths, metas)):
         fmt = meta["format"]
         if fmt not in WHOLE_FILE_FORMATS:
-            tasks += [ChunkTask(fi, path, fmt, c.start, c.end, c.first_line, c.first_record) for c in meta["_chunks"]]
+            fine += [ChunkTask(fi, path, fmt, c.start, c.end, c.first_line, c.first_record, records=c.records)
+                     for c in meta["_chunks"]]
             continue
         records = personachat_records(path, read_text(path))
         if cfg.max_dialogues is not None:
             records = records[:cfg.max_dialogues]
-        for k in range(0, len(records), cfg.chunk_records):
-            tasks.append(ChunkTask(fi, path, fmt, 0, 0, 0, k, pickle.dumps(records[k:k + cfg.chunk_records], protocol=5)))
-    return tasks
+        for k in range(0, len(records), size):
+            part = records[k:k + size]
+            fine.append(ChunkTask(fi, path, fmt, 0, 0, 0, k, pickle.dumps(part, protocol=5), records=len(part)))
+    if cfg.chunk_records is not None:
+        return fine
+    total = sum(t.records for t in fine)
+    target = min(MAX_AUTO_CHUNK, max(FINE_CHUNK, -(-total // (4 * max(workers, 1)))))
+    merged: list[ChunkTask] = []
+    for t in fine:
+        last = merged[-1] if merged else None
+        if last is not None and last.file_index == t.file_index and last.records + t.records <= target:
+            if t.payload:
+                last.payload = pickle.dumps(pickle.loads(last.payload) + pickle.loads(t.payload), protocol=5)
+            last.end = t.end
+            last.records += t.records
+        else:
+            merged.append(ChunkTask(**t.__dict__))
+    return merged
 
 
 def read_chunk(task: ChunkTask):

@@ -3,7 +3,8 @@ same files (PersonaChat valid + all MSC files), and packing efficiency at seq_le
 
 Both engines run in this process after a warm-up (imports, the embedded Ray and its worker processes started),
 so the figures compare pipeline throughput; the one-off Ray start is reported apart. Each figure is the best of
-``repeats`` runs (the machine may be shared: the load average is recorded too). The Rust tokenizer is kept to one
+``repeats`` interleaved runs; the machine may be shared, so the load average and, before each round, the
+number of cores this process effectively gets (``effective_cores``) are recorded too. The Rust tokenizer is kept to one
 thread (TOKENIZERS_PARALLELISM=false) so that "single process" means one core.
 """
 
@@ -35,7 +36,30 @@ def _run(inputs, cfg, tmp, tag) -> tuple[float, dict, dict]:
     return seconds, manifest, run
 
 
-def bench_prep(out: str, data_dir: str | None = None, workers: int | None = None, repeats: int = 2) -> dict:
+def _burn(n: int) -> int:
+    s = 0
+    for i in range(n):
+        s += i
+    return s
+
+
+def effective_cores(n: int = 6_000_000) -> float:
+    """How many cores this process gets right now: the same pure-Python work once, then twice in parallel
+    (2.0 on an idle 2-core machine; less when other work shares it)."""
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    _burn(n)
+    one = time.perf_counter() - t0
+    with mp.get_context("spawn").Pool(2) as pool:
+        pool.map(_burn, [n // 100, n // 100])  # start-up out of the timing
+        t0 = time.perf_counter()
+        pool.map(_burn, [n, n])
+        two = time.perf_counter() - t0
+    return round(2 * one / two, 2)
+
+
+def bench_prep(out: str, data_dir: str | None = None, workers: int | None = None, repeats: int = 3) -> dict:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from data_prep.config import DataConfig
     from data_prep.ray_engine import ensure_ray
@@ -54,20 +78,21 @@ def bench_prep(out: str, data_dir: str | None = None, workers: int | None = None
     try:
         t0 = time.perf_counter()
         for engine in ("local", "ray"):  # warm-up: imports, tokenizer conversion, Ray worker processes
-            _run(inputs, DataConfig(seq_len=2048, engine=engine, workers=workers, max_dialogues=40, chunk_records=8), tmp, "warm")
+            _run(inputs, DataConfig(seq_len=2048, engine=engine, workers=workers, max_dialogues=40), tmp, "warm")
         result["warmup_seconds"] = round(time.perf_counter() - t0, 2)
         runs = {"local": DataConfig(seq_len=2048, engine="local"),
                 "ray_1_worker": DataConfig(seq_len=2048, engine="ray", workers=1),
                 f"ray_{workers}_workers": DataConfig(seq_len=2048, engine="ray", workers=workers)}
-        fingerprints = set()
-        for name, cfg in runs.items():
-            best = None
-            for r in range(repeats):
+        fingerprints, best, probes = set(), {}, []
+        for r in range(repeats):  # interleaved, so that a change in the machine's load hits every engine alike
+            probes.append(effective_cores())
+            for name, cfg in runs.items():
                 seconds, manifest, run = _run(inputs, cfg, tmp, f"{name}-{r}")
                 fingerprints.add(manifest["fingerprint"] + "".join(s["sha256"] for s in manifest["shards"]))
-                if best is None or seconds < best[0]:
-                    best = (seconds, manifest, run)
-            seconds, manifest, run = best
+                if name not in best or seconds < best[name][0]:
+                    best[name] = (seconds, manifest, run)
+        result["effective_cores_probes"] = probes
+        for name, (seconds, manifest, run) in best.items():
             tokens = manifest["counts"]["tokens_out"]
             result["engines"][name] = {
                 "seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
