@@ -1,7 +1,8 @@
 """``convsink bench inference``: K/V bytes held and per-token decode latency of each cache policy against the
 number of utterances, on one model and one long conversation (MSC episodes back to back).
 
-Protocol, per policy (one ``Conversation`` each, same model, same conversation):
+Protocol (one ``Conversation`` per policy, same model, same conversation; the policies advance together from
+checkpoint to checkpoint and their timed parts are interleaved, so a change of machine load hits all alike):
 - the conversation is teacher-forced one utterance per forward (user and model turns alike); ``recompute`` is
   fast-forwarded through the history (exact: its state at an utterance start is rebuilt from the history alone),
   and only the last ``utterance_samples`` utterances before a checkpoint run through the model;
@@ -12,7 +13,7 @@ Protocol, per policy (one ``Conversation`` each, same model, same conversation):
   time includes what the policy does when the reply starts (recompute re-encodes its window, without logits);
 - a policy whose elapsed time passes ``time_budget_s`` after a checkpoint skips its remaining checkpoints (the
   first always runs); they are listed in ``skipped`` with the reason, never dropped silently.
-Timings are wall-clock on a shared CPU: ``load_average`` (1-min, before and after each policy) is recorded.
+Timings are wall-clock on a shared CPU: the 1-minute ``load_average`` at each checkpoint is recorded.
 ``threads`` (if given) sets torch's intra-op threads for the run (1 suits a tiny model on a shared CPU)."""
 
 from __future__ import annotations
@@ -76,40 +77,51 @@ def bench_inference(model_dir: str = "tiny", out: str = "bench/inference_tiny.js
     utterances = sorted({int(n) for n in utterances})
     model, tok, info = load_chat_model(model_dir)
     convo = long_conversation(tok, data_dir or default_data_dir(), utterances[-1])
-    rows, skipped, loads = [], [], {}
-    for policy in policies:
-        conv = Conversation(model, info["bos_token_id"], info["eou_token_id"], policy, sink_tokens=sink_tokens, window=window)
-        t_start, done = time.perf_counter(), 0
-        loads[policy] = {"before": os.getloadavg()[0]}
-        for k, target in enumerate(utterances):
-            elapsed = time.perf_counter() - t_start
-            if k > 0 and elapsed > time_budget_s:  # the first checkpoint always runs
-                skipped.append({"policy": policy, "utterances": target,
-                                "reason": f"time budget: {elapsed:.0f} s spent > {time_budget_s:.0f} s per policy"})
+    convs = {p: Conversation(model, info["bos_token_id"], info["eou_token_id"], p, sink_tokens=sink_tokens, window=window)
+             for p in policies}
+    spent = {p: 0.0 for p in policies}  # seconds each policy has taken so far (its time budget)
+    rows, skipped, loads, done = [], [], [], 0
+    for k, target in enumerate(utterances):
+        live = []
+        for p in policies:
+            if k > 0 and spent[p] > time_budget_s:  # the first checkpoint always runs
+                skipped.append({"policy": p, "utterances": target,
+                                "reason": f"time budget: {spent[p]:.0f} s spent > {time_budget_s:.0f} s per policy"})
                 print(json.dumps(skipped[-1]), flush=True)
-                continue
-            todo = convo[done:target]
-            timed = todo[-utterance_samples:]
-            if policy == "recompute":
-                for u in todo[:-utterance_samples]:
-                    conv.record_utterance(u)
             else:
-                for u in todo[:-utterance_samples]:
-                    conv.add_utterance(u, all_logits=False)
+                live.append(p)
+        todo, done = convo[done:target], target
+        untimed, timed = todo[:-utterance_samples], todo[-utterance_samples:]
+        for p in live:  # untimed fast part of the way
             t0 = time.perf_counter()
-            for u in timed:
-                conv.add_utterance(u, all_logits=False)
-            utterance_ms = 1000 * (time.perf_counter() - t0) / len(timed)
-            done = target
-            kv_bytes, positions = conv.store.nbytes(), len(conv.store)
-            per_token = _time_replies(conv, decode_tokens, repeats)
-            rows.append({"policy": policy, "utterances": target, "conversation_tokens": conv.next_position,
-                         "cached_positions": positions, "kv_bytes": kv_bytes,
-                         "ms_per_token": 1000 * statistics.median(per_token),
-                         "ms_per_token_repeats": [1000 * x for x in per_token], "utterance_ms": utterance_ms})
+            for u in untimed:
+                if p == "recompute":
+                    convs[p].record_utterance(u)
+                else:
+                    convs[p].add_utterance(u, all_logits=False)
+            spent[p] += time.perf_counter() - t0
+        # timed parts interleaved across policies, so a change of machine load hits every policy alike
+        utt_s = {p: 0.0 for p in live}
+        for u in timed:
+            for p in live:
+                t0 = time.perf_counter()
+                convs[p].add_utterance(u, all_logits=False)
+                utt_s[p] += time.perf_counter() - t0
+        per_token = {p: [] for p in live}
+        for _ in range(repeats):
+            for p in live:
+                per_token[p] += _time_replies(convs[p], decode_tokens, 1)
+        load = os.getloadavg()[0]
+        loads.append({"utterances": target, "load_1min": load})
+        for p in live:
+            spent[p] += utt_s[p] + sum(per_token[p]) * (decode_tokens + 1)
+            conv = convs[p]
+            rows.append({"policy": p, "utterances": target, "conversation_tokens": conv.next_position,
+                         "cached_positions": len(conv.store), "kv_bytes": conv.store.nbytes(),
+                         "ms_per_token": 1000 * statistics.median(per_token[p]),
+                         "ms_per_token_repeats": [1000 * x for x in per_token[p]],
+                         "utterance_ms": 1000 * utt_s[p] / len(timed)})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "ms_per_token_repeats"}), flush=True)
-        loads[policy]["after"] = os.getloadavg()[0]
-        loads[policy]["seconds"] = time.perf_counter() - t_start
     result = {"model": model_dir if model_dir in ("tiny", "smollm2") else os.path.abspath(model_dir),
               "model_config": {k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers",
                                "num_attention_heads", "num_key_value_heads", "vocab_size")},
@@ -119,7 +131,7 @@ def bench_inference(model_dir: str = "tiny", out: str = "bench/inference_tiny.js
                           "conversation": "MSC episodes (previous sessions + current) back to back, files in name order",
                           "dtype": str(next(model.parameters()).dtype), "device": str(model.device),
                           "torch_threads": torch.get_num_threads()},
-              "load_average": loads, "rows": rows, "skipped": skipped}
+              "load_average": loads, "seconds_per_policy": spent, "rows": rows, "skipped": skipped}
     result["ratios"], result["summary"] = _ratios(rows, utterances)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

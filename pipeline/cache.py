@@ -5,9 +5,10 @@ public ``AttentionInterface`` by ``pipeline.attention``): every layer's new keys
 what the cache holds, then appended. A policy decides what to drop, and when.
 
 - ``dense``: keep everything (causal attention over the whole conversation).
-- ``streamingllm``: the first ``sink_tokens`` tokens + the last ``window`` tokens. Keys are cached BEFORE the rotary
-  embedding and rotated at their index inside the cache at every forward (StreamingLLM), so positions stay bounded
-  and a key is never re-rotated from an already-rotated (rounded) value.
+- ``streamingllm``: the first ``sink_tokens`` tokens + the last ``window`` tokens, enforced after every forward (a
+  chunk fed in one forward, e.g. a teacher-forced utterance, sees the held tokens plus itself). Keys are cached
+  BEFORE the rotary embedding and rotated at their index inside the cache at every forward (StreamingLLM), so
+  positions stay bounded and a key is never re-rotated from an already-rotated (rounded) value.
 - ``streamingdialogue``: BOS + the EoU of every finished utterance + the previous and the current utterance; the
   tokens of utterance t-2 go when utterance t starts. After T finished utterances (before the next starts) it holds
   ``1 + T + (non-EoU tokens of the last two utterances)`` positions.
