@@ -27,30 +27,66 @@ def default_data_dir() -> str:
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 
-def msc_utterance_lengths(data_dir: str | None = None, limit: int = 4000, tokenizer: str = "smollm2") -> list[int]:
-    """Token lengths of real MSC utterances (``msc/*.jsonl``; per episode the previous sessions' then the current
-    session's ``dialog[].text``, in file and turn order), tokenized without special tokens by ``data_prep.tokenizer.load_tokenizer(tokenizer)``."""
+def msc_episode_lengths(data_dir: str | None = None, limit: int = 4000, tokenizer: str = "smollm2") -> list[list[int]]:
+    """Token lengths of real MSC utterances, one list per episode (``msc/*.jsonl``; per episode the previous
+    sessions' then the current session's ``dialog[].text``, in file and turn order), at most ``limit`` utterances,
+    tokenized without special tokens by ``data_prep.tokenizer.load_tokenizer(tokenizer)``."""
     from data_prep.tokenizer import load_tokenizer
 
     folder = os.path.join(data_dir or default_data_dir(), "msc")
-    texts: list[str] = []
+    episodes: list[list[str]] = []
+    total = 0
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".jsonl"):
             continue
         with open(os.path.join(folder, name)) as f:
             for line in f:
-                if line.strip():  # one MSC episode: all sessions, oldest first (as data_prep reads it)
+                if line.strip() and total < limit:  # one MSC episode: all sessions, oldest first (as data_prep reads it)
                     rec = json.loads(line)
-                    for session in [p.get("dialog", []) for p in rec.get("previous_dialogs") or []] + [rec.get("dialog", [])]:
-                        texts += [t["text"] for t in session]
-                if len(texts) >= limit:
-                    break
-        if len(texts) >= limit:
-            break
-    if not texts:
+                    texts = [t["text"] for session in [p.get("dialog", []) for p in rec.get("previous_dialogs") or []]
+                             + [rec.get("dialog", [])] for t in session][:limit - total]
+                    if texts:
+                        episodes.append(texts)
+                        total += len(texts)
+    if not episodes:
         raise FileNotFoundError(f"{folder}: no MSC utterances found")
     tok = load_tokenizer(tokenizer)
-    return [max(1, len(ids)) for ids in tok(texts[:limit], add_special_tokens=False)["input_ids"]]
+    return [[max(1, len(ids)) for ids in tok(texts, add_special_tokens=False)["input_ids"]] for texts in episodes]
+
+
+def msc_utterance_lengths(data_dir: str | None = None, limit: int = 4000, tokenizer: str = "smollm2") -> list[int]:
+    """``msc_episode_lengths`` flattened: the utterance lengths in file and turn order."""
+    return [n for ep in msc_episode_lengths(data_dir, limit, tokenizer) for n in ep]
+
+
+def packed_batch(episodes: list[list[int]], T: int, kind: str = "dialogue") -> dict:
+    """MSC episodes packed back to back into exactly T tokens, each ``[BOS] u1 EoU u2 EoU ...`` with its own
+    ``doc_ids`` (the layout training sees after packing); episodes are taken in order (cycled), the last one cut
+    at T. A query then sees at most its own episode's sinks, so the work per token is bounded."""
+    doc, utt, eou = [], [], []
+    e = 0
+    while len(doc) < T:
+        lengths = episodes[e % len(episodes)]
+        doc += [e]
+        utt += [0]
+        eou += [False]
+        for i, n in enumerate(lengths, start=1):
+            doc += [e] * (n + 1)
+            utt += [i] * (n + 1)
+            eou += [False] * n + [True]
+        e += 1
+    ids = torch.tensor([utt[:T]])
+    return {"doc_ids": torch.tensor([doc[:T]]), "utt_ids": ids, "blk": ids.clone(), "eou": torch.tensor([eou[:T]]),
+            "position_ids": _positions(doc[:T])[None], "mask_kind": [kind]}
+
+
+def _positions(doc: list[int]) -> torch.Tensor:
+    """Positions restarting at 0 at every document."""
+    d = torch.tensor(doc)
+    start = torch.zeros_like(d)
+    change = torch.nonzero(d[1:] != d[:-1]).flatten() + 1
+    start[change] = change
+    return torch.arange(len(doc)) - torch.cummax(start, 0).values
 
 
 def conversation_batch(lengths: list[int], T: int, kind: str = "dialogue") -> dict:
@@ -73,8 +109,8 @@ def _rss_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def measure(method: str, T: int, heads: int, head_dim: int, lengths: list[int], repeats: int, chunk: int | None = None,
-            threads: int | None = None) -> dict:
+def measure(method: str, T: int, heads: int, head_dim: int, episodes: list[list[int]], repeats: int,
+            chunk: int | None = None, threads: int | None = None, layout: str = "conversation") -> dict:
     """Forward + backward seconds (min over ``repeats``) of one method on one conversation of T tokens. The
     sink method's time includes building its per-batch plan (done once per batch, shared by all layers)."""
     import torch.nn.functional as F
@@ -87,7 +123,10 @@ def measure(method: str, T: int, heads: int, head_dim: int, lengths: list[int], 
     from .sink_attention import CHUNK, SinkAttention
 
     torch.manual_seed(0)
-    batch = conversation_batch(lengths, T)
+    if layout == "packed":
+        batch = packed_batch(episodes, T)
+    else:
+        batch = conversation_batch([n for ep in episodes for n in ep], T)
     q, k, v = (torch.randn(1, heads, T, head_dim, requires_grad=True) for _ in range(3))  # (B, H, T, D)
     grad = torch.randn(1, heads, T, head_dim)
     scale = head_dim ** -0.5
@@ -102,7 +141,7 @@ def measure(method: str, T: int, heads: int, head_dim: int, lengths: list[int], 
             extra["mask_fraction"] = sum(int(m.sum()) for plan in attn.plans for *_, m in plan) / (T * T)  # allowed pairs
             out = attn(q, k, v, scale)
         elif method == "dense_mask":
-            out = DenseMaskAttention(dense_mask("dialogue", batch))(q, k, v, scale)
+            out = DenseMaskAttention(dense_mask("dialogue", batch))(q, k, v, scale)  # the T×T mask built in the timing
         elif method == "causal":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         else:
@@ -114,7 +153,7 @@ def measure(method: str, T: int, heads: int, head_dim: int, lengths: list[int], 
     if plan_times:
         extra["plan_seconds"] = min(plan_times)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
-    return {"method": method, "T": T, "seconds": min(times), "all_seconds": times, "peak_rss_gb": peak,
+    return {"method": method, "T": T, "layout": layout, "seconds": min(times), "all_seconds": times, "peak_rss_gb": peak,
             "peak_rss_delta_gb": peak - base_rss, **extra}
 
 
@@ -129,27 +168,34 @@ def _run_isolated(args: dict) -> dict:
 
 def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_dim: int = 32, repeats: int = 3,
                     data_dir: str | None = None, chunk: int | None = None, threads: int | None = None,
-                    methods=METHODS) -> dict:
-    """Sink attention vs dense-mask SDPA vs plain causal SDPA (``is_causal=True``), forward + backward, fp32, one
-    MSC-shaped conversation per row, at each length of ``seq_lens``; writes and returns the JSON."""
+                    methods=METHODS, layout: str = "conversation") -> dict:
+    """Sink attention vs dense-mask SDPA vs plain causal SDPA (``is_causal=True``), forward + backward, fp32, at each
+    length of ``seq_lens``; writes and returns the JSON. ``layout``: ``conversation`` = one MSC-shaped conversation
+    of T tokens (its EoU sinks grow with T: the sink part of the work is about T²/(2·L) pairs for utterances of L
+    tokens); ``packed`` = real MSC episodes packed into T, as training sees them (work per token bounded)."""
+    if layout not in ("conversation", "packed"):
+        raise ValueError(f"layout must be 'conversation' or 'packed', not {layout!r}")
     from .sink_attention import CHUNK
 
-    lengths = msc_utterance_lengths(data_dir)
+    episodes = msc_episode_lengths(data_dir)
+    lengths = [n for ep in episodes for n in ep]
     load_at_start = os.getloadavg()[0]
     rows = []
     for T in seq_lens:
         for method in methods:
             rows.append(_run_isolated({"method": method, "T": T, "heads": heads, "head_dim": head_dim,
-                                       "lengths": lengths, "repeats": repeats, "chunk": chunk,
-                                       "threads": threads}))
+                                       "episodes": episodes, "repeats": repeats, "chunk": chunk,
+                                       "threads": threads, "layout": layout}))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "all_seconds"}), flush=True)
     summary, scaling = summarize(rows, seq_lens)
     mean_len = sum(lengths) / len(lengths)
     result = {"setting": {"heads": heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "repeats": repeats,
                           "timing": "forward + backward, min over repeats; sink includes building its plan",
-                          "mask": "dialogue", "chunk": chunk or CHUNK,
+                          "mask": "dialogue", "chunk": chunk or CHUNK, "layout": layout,
+                          "episodes_sampled": len(episodes),
+                          "mean_episode_tokens": sum(sum(ep) + len(ep) + 1 for ep in episodes) / len(episodes),
                           "utterance_lengths": "real MSC utterances (msc/*.jsonl, all sessions of each episode oldest first, SmolLM2 tokenizer, "
-                                               "no special tokens), one conversation per row, utterances in file order",
+                                               "no special tokens), utterances in file order",
                           "utterances_sampled": len(lengths), "mean_utterance_tokens": mean_len,
                           "torch_threads": threads or torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": "cpu",
                           "load_average_at_start": load_at_start,

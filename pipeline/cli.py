@@ -90,7 +90,7 @@ def cmd_bench_attention(args) -> int:
     from .bench_attention import bench_attention
 
     result = bench_attention(args.out, seq_lens=tuple(args.seq_lens), heads=args.heads, head_dim=args.head_dim,
-                             repeats=args.repeats, chunk=args.chunk, threads=args.threads)
+                             repeats=args.repeats, chunk=args.chunk, threads=args.threads, layout=args.layout)
     for r in result["summary"]:
         print(f"T={r['T']:>6}: sink {r['sink_s']:.3f}s  dense-mask {r['dense_mask_s']:.3f}s  causal {r['causal_s']:.3f}s  "
               f"-> {r['speedup_vs_dense_mask']:.1f}x vs dense-mask, {r['speedup_vs_causal']:.1f}x vs causal, "
@@ -138,6 +138,8 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--repeats", type=int, default=3, help="timed repeats (the minimum is reported)")
     s.add_argument("--chunk", type=int, help="sink attention query chunk (default: pipeline.sink_attention.CHUNK)")
     s.add_argument("--threads", type=int, help="torch threads per measurement (default: torch's; 1 is steadier on a shared CPU)")
+    s.add_argument("--layout", choices=["conversation", "packed"], default="conversation",
+                   help="conversation = one MSC-shaped conversation of T tokens; packed = real MSC episodes packed into T (as in training)")
     s.set_defaults(fn=cmd_bench_attention)
     s = inner.add_parser("prep", help="Ray pipeline vs single-process loop (tokens/s); packing efficiency at 2048/8192")
     s.add_argument("--out", required=True, help="JSON output file")

@@ -23,3 +23,30 @@ def test_bench_attention_writes_json(tmp_path, shared_data):
         assert 0 < r["key_fraction_computed"] < 1
     assert result["summary"][1]["key_fraction_computed"] < result["summary"][0]["key_fraction_computed"]
     assert "speedup" in proc.stdout or "x vs dense-mask" in proc.stdout
+
+
+def test_packed_layout_keeps_episodes_apart_and_bounds_the_work(shared_data):
+    """The packed layout: episodes back to back with their own doc ids and positions; the dialogue mask of that
+    layout equals the per-episode masks, and the sink attention computes a fraction of pairs that does not fall
+    with T the way one growing conversation's does (bounded work per token)."""
+    import torch
+
+    from pipeline.bench_attention import msc_episode_lengths, packed_batch
+    from pipeline.masks import dense_mask
+    from pipeline.sink_attention import SinkAttention
+
+    episodes = msc_episode_lengths(str(shared_data), limit=600)
+    assert len(episodes) > 3 and all(len(ep) > 0 for ep in episodes)
+    b = packed_batch(episodes, 2048)
+    doc, pos = b["doc_ids"][0], b["position_ids"][0]
+    starts = torch.nonzero(torch.cat([torch.tensor([True]), doc[1:] != doc[:-1]])).flatten()
+    assert (pos[starts] == 0).all() and (b["utt_ids"][0][starts] == 0).all()  # each episode opens with its BOS
+    first = int(starts[1])
+    assert first == 1 + sum(episodes[0]) + len(episodes[0])  # BOS + utterances + one EoU each
+    m = dense_mask("dialogue", b)[0]
+    assert not m[first:, :first].any()  # no query sees an earlier episode
+    fractions = []
+    for T in (1024, 4096):
+        attn = SinkAttention(packed_batch(episodes, T))
+        fractions.append(attn.keys_computed / attn.keys_dense * T)  # computed keys per query
+    assert fractions[1] < 1.5 * fractions[0], fractions
