@@ -88,6 +88,9 @@ class TrainConfig(Strict):
     peak_tflops: float | None = Field(None, gt=0, description="per-device peak TFLOP/s for the MFU estimate; None = known GPUs only (H100/H200 bf16 989, A100 312)")
     stop_at_step: int | None = Field(None, ge=1, description="end this launch after this step (with a checkpoint); the schedule still follows max_steps, --resume continues")
     init_from: str | None = Field(None, description="start from this exported model folder (e.g. the memory stage's export)")
+    eval_data: str | None = Field(None, description="held-apart shard folder (`convsink prep` of dialogues kept out of training) evaluated every eval_every steps")
+    eval_every: int = Field(0, ge=0, description="evaluate on eval_data every N optimizer steps and at the end (0 = never)")
+    eval_rows: int = Field(64, ge=1, description="rows of eval_data (of this stage's mask kinds) per evaluation")
     ds_config: str | None = Field(None, description="a DeepSpeed JSON from ds_configs/ ('auto' values are filled from this recipe); None = built from the fields above")
 
     @model_validator(mode="after")

@@ -39,6 +39,8 @@ def prepare_run_dir(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool) -
     check_run_dir(out_dir, resume)
     if cfg.train.init_from and not os.path.isfile(os.path.join(cfg.train.init_from, "config.json")):
         raise FileNotFoundError(f"{cfg.train.init_from}: train.init_from is not a model folder (no config.json)")
+    if cfg.train.eval_every:
+        check_eval_data(cfg, manifest)
     if not os.path.isdir(os.path.join(data_dir, "tokenizer")):
         raise FileNotFoundError(f"{data_dir}: no tokenizer/ folder (re-run `convsink prep`)")
     os.makedirs(out_dir, exist_ok=True)
@@ -51,6 +53,25 @@ def prepare_run_dir(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool) -
     shutil.rmtree(os.path.join(out_dir, "tokenizer"), ignore_errors=True)
     shutil.copytree(os.path.join(data_dir, "tokenizer"), os.path.join(out_dir, "tokenizer"))
     return cfg_path
+
+
+def check_eval_data(cfg: RunConfig, manifest: dict) -> None:
+    """train.eval_every needs train.eval_data: shards of the same tokenizer holding this stage's mask kinds."""
+    from .data import STAGE_KINDS
+
+    t = cfg.train
+    if not t.eval_data:
+        raise ValueError("train.eval_every is set but train.eval_data is not (a shard folder from `convsink prep` of held-apart dialogues)")
+    ev = read_manifest(t.eval_data)
+    if ev["tokenizer"] != manifest["tokenizer"]:
+        raise ValueError(f"{t.eval_data}: train.eval_data was tokenized differently from the training shards "
+                         f"(tokenizer {ev['tokenizer']} vs {manifest['tokenizer']})")
+    kinds = set(STAGE_KINDS[t.stage])
+    have = {k for sh in ev["shards"] for k in sh.get("mask_kind", [])}
+    if not kinds & have:
+        raise ValueError(f"{t.eval_data}: no {'/'.join(sorted(kinds))} rows for the {t.stage} stage (it holds: {', '.join(sorted(have)) or 'nothing'})")
+    if ev["seq_len"] > cfg.model.max_position_embeddings and cfg.model.path is None:
+        raise ValueError(f"{t.eval_data}: shards have seq_len {ev['seq_len']} > model.max_position_embeddings")
 
 
 def launch_training(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False) -> dict:

@@ -25,6 +25,7 @@ from data_prep.tokenizer import SpecialIds
 from . import checkpoint
 from .config import RunConfig
 from .data import load_shards, micro_batch
+from .eval_loop import eval_batches, evaluate
 from .losses import task_sums
 from .model import attention_impl, build_model, row_kinds
 from .flops import flops_per_token, mask_stats, non_embedding_params, peak_memory_gb, peak_tflops
@@ -130,6 +131,8 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
     sp = SequenceParallel.create(t.sequence_parallel_size, engine.module.config)
     dp_rank, dp_size = rank // sp.size, world // sp.size
     run = init_wandb(cfg, out_dir, rank, resume)
+    eval_set = (eval_batches(load_shards(t.eval_data, t.stage), t.eval_rows, t.micro_batch_size, dp_rank, dp_size)
+                if t.eval_every else None)
     bar = progress(t.max_steps, start, enabled=rank == 0)
     history = []
     last = min(t.max_steps, t.stop_at_step or t.max_steps)
@@ -160,8 +163,12 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
                        samples_per_s=t.micro_batch_size * t.grad_accum * world / dt)
         if (step + 1) % t.log_every == 0:
             metrics.update(_throughput(micro, cfg, engine, n_params, dt, world, peak, device, sp.size))
+        if eval_set is not None and ((step + 1) % t.eval_every == 0 or step + 1 == t.max_steps):
+            engine.eval()
+            metrics.update(evaluate(lambda b: _forward(engine, b, cfg, impl, sp), eval_set, sp.local, device))
+            engine.train()
         history.append({"step": step + 1, **metrics})
-        if run is not None and (step + 1) % t.log_every == 0:
+        if run is not None and ((step + 1) % t.log_every == 0 or any(k.startswith("eval/") for k in metrics)):
             run.log(metrics, step=step + 1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update(1)

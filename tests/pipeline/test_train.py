@@ -34,9 +34,24 @@ def shards(tmp_path_factory, shared_data):
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, shards):
+def eval_shards(tmp_path_factory, shared_data):
+    """Held-apart dialogues (a file the training shards do not use)."""
+    from data_prep.prep import prepare
+
+    out = tmp_path_factory.mktemp("eval") / "shards"
+    cfg = load_config(None, ["data.seq_len=128", "data.max_dialogues=12", "data.engine=local"])
+    prepare([str(shared_data / "msc" / "session_3_test.jsonl")], str(out), cfg.data, progress=False)
+    return str(out)
+
+
+EVAL_ROWS = 7  # odd: the second rank runs a padding row in the last eval batch
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, shards, eval_shards):
     out = str(tmp_path_factory.mktemp("run") / "full")
-    result = launch_training(load_config(None, TINY), shards, out)
+    cfg = load_config(None, TINY + [f"train.eval_data={eval_shards}", "train.eval_every=10", f"train.eval_rows={EVAL_ROWS}"])
+    result = launch_training(cfg, shards, out)
     return out, result
 
 
@@ -85,6 +100,52 @@ def test_wandb_offline_run_holds_loss_history(full_run):
     for key in ("lr", "grad_norm", "tokens_per_s", "step_time", "loss/dialogue"):
         assert key in record["history"][-1]
     assert record["config"]["train"]["max_steps"] == 20
+
+
+def test_eval_metrics_equal_a_single_process_reference(full_run, eval_shards, tmp_path):
+    """eval/* at step 20 (2 ranks, ZeRO-3, a padded last batch) = the exported step-20 model on the same rows."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.attention import DenseMaskAttention, register
+    from pipeline.data import load_shards, targets_from_labels
+    from pipeline.export import export_checkpoint
+    from pipeline.losses import token_nll
+    from pipeline.masks import dense_mask
+
+    out, _ = full_run
+    record = read_offline_run(find_offline_runs(out)[0])
+    evals = {int(r["_step"]): r for r in record["history"] if "eval/loss" in r}
+    assert sorted(evals) == [10, 20]
+    register()
+    model = AutoModelForCausalLM.from_pretrained(export_checkpoint(out, str(tmp_path / "export")),
+                                                 attn_implementation="convsink").eval()
+    data = load_shards(eval_shards, "dialogue")
+    assert len(data) >= EVAL_ROWS
+    rows = list(range(EVAL_ROWS))
+    batch = {c: torch.from_numpy(data.arrays[c][rows]).long() for c in ("input_ids", "labels", "position_ids", "doc_ids", "utt_ids")}
+    batch["eou"] = torch.from_numpy(data.arrays["eou"][rows]).bool()
+    targets = targets_from_labels(batch["labels"])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       convsink_attn=DenseMaskAttention(dense_mask("dialogue", batch))).logits
+    nll, valid = token_nll(logits, targets)
+    loss = float(nll.sum() / valid.sum())
+    accuracy = float(((logits.argmax(-1) == targets) & valid).sum() / valid.sum())
+    print(f"eval at step 20: logged loss {evals[20]['eval/loss']:.6f}, reference {loss:.6f}")
+    assert evals[20]["eval/tokens"] == float(valid.sum())
+    assert evals[20]["eval/loss"] == pytest.approx(loss, abs=1e-4)
+    assert evals[20]["eval/loss/dialogue"] == pytest.approx(loss, abs=1e-4)
+    assert evals[20]["eval/accuracy/dialogue"] == pytest.approx(accuracy, abs=1e-6)
+    assert evals[20]["eval/ppl"] == pytest.approx(float(torch.exp(torch.tensor(loss))), rel=1e-4)
+    assert evals[20]["eval/loss"] < evals[10]["eval/loss"]
+
+
+def test_eval_every_needs_matching_eval_data(shards, tmp_path):
+    with pytest.raises(ValueError, match="train.eval_data is not"):
+        prepare_run_dir(load_config(None, TINY + ["train.eval_every=5"]), shards, str(tmp_path / "a"), resume=False)
+    with pytest.raises(ValueError, match="no lmr/smr rows for the memory stage"):
+        prepare_run_dir(load_config(None, TINY + ["train.eval_every=5", f"train.eval_data={shards}", "train.stage=memory"]),
+                        shards, str(tmp_path / "b"), resume=False)
 
 
 def test_export_matches_engine_parameters_and_logits(shards, tmp_path):
