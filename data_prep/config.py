@@ -16,6 +16,7 @@ class Strict(BaseModel):
 class SMRConfig(Strict):
     utterances_per_sample: int = Field(28, ge=1, description="s: unrelated utterances (each followed by its copy) per SMR sample")
     samples: int = Field(0, ge=0, description="SMR samples to build (0 = none)")
+    max_utterance_tokens: int | None = Field(None, ge=1, description="draw only utterances of at most this many tokens (None = any that fits seq_len; a curriculum knob for small models)")
 
 
 class LMRConfig(Strict):

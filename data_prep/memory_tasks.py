@@ -11,7 +11,8 @@ Sampling (sample i uses ``numpy.random.default_rng([seed, 1 (SMR) | 2 (LMR), i])
 be built anywhere and the result does not depend on who built it):
 
 * SMR: s distinct dialogues (unrelated utterances), one utterance drawn from each. Utterances that cannot fit a
-  sample on their own (``1 + 2 * (len + 1) > seq_len``) are never drawn (counted: ``smr_long_utterances``).
+  sample on their own (``1 + 2 * (len + 1) > seq_len``), or longer than ``smr.max_utterance_tokens`` when set,
+  are never drawn (counted: ``smr_long_utterances``).
   When the s pairs do not fit ``seq_len``, the sample keeps the first ones that fit (s is reduced for that
   sample, counted: ``smr_shortened``). Fewer than s eligible dialogues also reduce s.
 * LMR: a dialogue with at least 4 utterances (2 pairs; others are counted: ``lmr_ineligible_dialogues``), a
@@ -91,9 +92,13 @@ class Corpus:
         return self.tokens[self.utt_offsets[u]:self.utt_offsets[u + 1]].tolist()
 
 
-def smr_plan(corpus: Corpus, seq_len: int) -> dict:
-    """What SMR sampling draws from: usable utterances grouped by dialogue (computed once, shared)."""
-    usable = 1 + 2 * (corpus.utt_len() + 1) <= seq_len
+def smr_plan(corpus: Corpus, seq_len: int, max_utterance_tokens: int | None = None) -> dict:
+    """What SMR sampling draws from: usable utterances grouped by dialogue (computed once, shared). Utterances
+    that do not fit a sample, or are longer than ``max_utterance_tokens``, are counted in ``long_utterances``."""
+    lens = corpus.utt_len()
+    usable = 1 + 2 * (lens + 1) <= seq_len
+    if max_utterance_tokens is not None:
+        usable &= lens <= max_utterance_tokens
     idx = np.nonzero(usable)[0]
     dial_of = np.repeat(np.arange(corpus.num_dialogues), np.diff(corpus.dial_offsets))
     per_dial = np.bincount(dial_of[idx], minlength=corpus.num_dialogues)
@@ -106,7 +111,7 @@ def smr_plan(corpus: Corpus, seq_len: int) -> dict:
 def build_smr(corpus: Corpus, cfg: SMRConfig, ids: SpecialIds, seq_len: int, seed: int, start: int, stop: int,
               plan: dict | None = None):
     """SMR samples ``start .. stop-1`` → (items table, stats)."""
-    plan = plan or smr_plan(corpus, seq_len)
+    plan = plan or smr_plan(corpus, seq_len, cfg.max_utterance_tokens)
     eligible = plan["eligible"]
     if len(eligible) == 0:
         raise ValueError(f"no utterance fits an SMR sample of seq_len={seq_len}")

@@ -225,7 +225,7 @@ def _memory_items(engine, items: pa.Table, window: np.ndarray, cfg: DataConfig, 
     if cfg.smr.samples == 0 and cfg.lmr.samples == 0:
         return out, stats
     corpus = corpus_of(items, window)
-    plan = smr_plan(corpus, cfg.seq_len)
+    plan = smr_plan(corpus, cfg.seq_len, cfg.smr.max_utterance_tokens)
     stats.update(memory_pool_dialogues=corpus.num_dialogues, smr_long_utterances=plan["long_utterances"],
                  lmr_ineligible_dialogues=lmr_ineligible(corpus))
     for kind, n in (("smr", cfg.smr.samples), ("lmr", cfg.lmr.samples)):

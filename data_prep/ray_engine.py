@@ -16,6 +16,7 @@ workers (and identical to the local engine). Runs on an embedded local Ray by de
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import pickle
 import shutil
@@ -29,7 +30,7 @@ from .reader import chunk_tasks, process_chunk
 from .tokenize import FastEncoder
 from .tokenizer import SpecialIds
 
-_ENCODERS: dict = {}  # per worker process: tokenizer folder -> FastEncoder (loaded once, ~0.2 s)
+_ENCODERS: dict = {}  # per worker process: tokenizer digest -> FastEncoder (loaded once per tokenizer, ~0.2 s)
 
 
 def ensure_ray(workers: int | None = None):
@@ -57,13 +58,23 @@ def ensure_ray(workers: int | None = None):
     return ray
 
 
-def _process(batch: pa.Table, tokenizer_dir: str, ids: SpecialIds, cfg: dict) -> pa.Table:
+def _encoder(tokenizer: dict) -> FastEncoder:
+    """This worker's encoder for ``tokenizer`` = {digest, json (an ObjectRef to tokenizer.json's text) or dir}."""
+    enc = _ENCODERS.get(tokenizer["digest"])
+    if enc is None:
+        import ray
+
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per task: parallelism comes from Ray
+        enc = FastEncoder.from_json(ray.get(tokenizer["json"])) if tokenizer.get("json") is not None \
+            else FastEncoder(tokenizer["dir"])
+        _ENCODERS[tokenizer["digest"]] = enc
+    return enc
+
+
+def _process(batch: pa.Table, tokenizer: dict, ids: SpecialIds, cfg: dict) -> pa.Table:
     from .reader import ChunkTask
 
-    enc = _ENCODERS.get(tokenizer_dir)
-    if enc is None:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per task: parallelism comes from Ray
-        enc = _ENCODERS[tokenizer_dir] = FastEncoder(tokenizer_dir)
+    enc = _encoder(tokenizer)
     conf = DataConfig.model_validate(cfg)
     tables = [process_chunk(ChunkTask(**row), enc, ids, conf) for row in batch.to_pylist()]
     return pa.concat_tables(tables)
@@ -92,6 +103,15 @@ class RayEngine:
         if hasattr(ctx, "print_on_execution_start"):
             ctx.print_on_execution_start = False
         self.cfg, self.tokenizer_dir, self.ids = cfg, tokenizer_dir, ids
+        # workers get the tokenizer through the object store (a cluster's workers need not see the driver's disk)
+        path = os.path.join(tokenizer_dir, "tokenizer.json")
+        self.tokenizer = {"dir": tokenizer_dir, "json": None}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            self.tokenizer.update(json=self.ray.put(text), digest=hashlib.sha256(text.encode()).hexdigest())
+        else:
+            self.tokenizer["digest"] = tokenizer_dir
         self.workers = cfg.workers or max(1, int(self.ray.cluster_resources().get("CPU", 1)))
 
     def pieces(self, paths: list[str], metas: list[dict]) -> Iterator[pa.Table]:
@@ -103,7 +123,7 @@ class RayEngine:
         rows = [t.to_row() for t in tasks]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         ds = ds.map_batches(_process, batch_size=1, batch_format="pyarrow", compute=self._compute(len(rows)), num_cpus=1,
-                            fn_kwargs={"tokenizer_dir": self.tokenizer_dir, "ids": self.ids,
+                            fn_kwargs={"tokenizer": self.tokenizer, "ids": self.ids,
                                        "cfg": self.cfg.model_dump(mode="json")})
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
 

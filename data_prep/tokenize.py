@@ -70,6 +70,17 @@ class FastEncoder:
 
             self._raw, self._hf = None, AutoTokenizer.from_pretrained(tokenizer_dir)
 
+    @classmethod
+    def from_json(cls, tokenizer_json: str) -> "FastEncoder":
+        """From the text of a ``tokenizer.json`` (shipped to Ray workers that do not share the driver's disk)."""
+        from tokenizers import Tokenizer
+
+        enc = cls.__new__(cls)
+        enc._raw, enc._hf = Tokenizer.from_str(tokenizer_json), None
+        enc._raw.no_truncation()
+        enc._raw.no_padding()
+        return enc
+
     def __call__(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []

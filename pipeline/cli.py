@@ -117,7 +117,8 @@ def cmd_bench_inference(args) -> int:
 
     r = bench_inference(args.model, args.out, utterances=tuple(args.utterances), window=args.window,
                         time_budget_s=args.time_budget, decode_tokens=args.decode_tokens, repeats=args.repeats,
-                        threads=args.threads)
+                        threads=args.threads, recompute_window=args.recompute_window,
+                        policies=tuple(args.policies))
     for n, ratio in r["ratios"].items():
         print(f"{n} utterances: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratio.items()))
     for s in r["skipped"]:
@@ -149,7 +150,11 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--model", required=True, help="exported model folder (or tiny / smollm2)")
     s.add_argument("--out", required=True, help="JSON output (a PNG plot is written next to it)")
     s.add_argument("--utterances", type=int, nargs="+", default=[100, 200, 500, 1000, 2000], help="checkpoints")
-    s.add_argument("--window", type=int, default=256, help="streamingllm / recompute window")
+    s.add_argument("--window", type=int, default=256, help="streamingllm window (and recompute's unless --recompute-window)")
+    s.add_argument("--recompute-window", type=int, help="tokens recompute re-encodes every utterance (default: --window; "
+                   "the papers' dense-recompute baseline holds the model's whole context)")
+    s.add_argument("--policies", nargs="+", default=["dense", "recompute", "streamingllm", "streamingdialogue"],
+                   choices=["dense", "recompute", "streamingllm", "streamingdialogue"], help="cache policies to run")
     s.add_argument("--time-budget", type=float, default=900.0, help="seconds per policy before skipping points")
     s.add_argument("--decode-tokens", type=int, default=16, help="tokens per timed reply")
     s.add_argument("--repeats", type=int, default=5, help="timed replies per point (the median is reported)")

@@ -22,9 +22,19 @@ def token_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, in
     return int(((logits.argmax(-1) == targets) & valid).sum()), int(valid.sum())
 
 
+def cut_smr_memory(blk: torch.Tensor) -> torch.Tensor:
+    """The control: ``blk`` with every original block moved out of reach (odd blocks + 2·10⁶, parity kept), so
+    under the SMR mask a copy sees only BOS and itself, not its original's EoU; originals still see themselves."""
+    original = (blk > 0) & (blk % 2 == 1)
+    return torch.where(original, blk + 2_000_000, blk)
+
+
 @torch.no_grad()
-def task_accuracy(model_dir: str, data_dir: str, kind: str = "smr", max_rows: int = 32, batch_size: int = 4) -> dict:
-    """Greedy token accuracy and mean NLL of an exported model on the first ``max_rows`` rows of ``kind``."""
+def task_accuracy(model_dir: str, data_dir: str, kind: str = "smr", max_rows: int = 32, batch_size: int = 4,
+                  through_eou: bool = True) -> dict:
+    """Greedy token accuracy and mean NLL of an exported model on the first ``max_rows`` rows of ``kind``.
+    ``through_eou=False`` (SMR only) is the control without the memory path (``cut_smr_memory``): the
+    difference between the two is what the EoU carries."""
     from transformers import AutoModelForCausalLM
 
     from .attention import register
@@ -42,6 +52,10 @@ def task_accuracy(model_dir: str, data_dir: str, kind: str = "smr", max_rows: in
         chunk = rows[start:start + batch_size]
         batch = {c: torch.from_numpy(data.arrays[c][chunk]).long() for c in COLUMNS}
         batch["eou"] = batch["eou"].bool()
+        if not through_eou:
+            if kind != "smr":
+                raise ValueError("through_eou=False is the SMR control; it has no meaning for other kinds")
+            batch["blk"] = cut_smr_memory(batch["blk"])
         batch["mask_kind"] = [kind] * len(chunk)
         targets = targets_from_labels(batch["labels"])
         logits = forward_batch(model, batch, ModelConfig(attention="dense"), impl="dense")

@@ -117,3 +117,19 @@ def test_too_long_samples_are_shortened_or_rejected_and_counted():
     assert st["lmr_rejected_too_long"] == 3 and items.num_rows == 0
     plan = smr_plan(Corpus.from_lists([[[5] * 60, [6] * 3]]), 100)
     assert plan["long_utterances"] == 1
+
+
+def test_smr_max_utterance_tokens_draws_only_short_utterances():
+    rng = np.random.default_rng(1)
+    corpus = Corpus.from_lists([[[int(t) for t in rng.integers(3, 90, size=int(n))] for n in rng.integers(1, 30, size=6)]
+                                for _ in range(40)])
+    cfg = SMRConfig(samples=10, utterances_per_sample=4, max_utterance_tokens=8)
+    plan = smr_plan(corpus, 512, cfg.max_utterance_tokens)
+    assert plan["long_utterances"] == int((corpus.utt_len() > 8).sum()) > 0
+    items, _ = build_smr(corpus, cfg, IDS, 512, 0, 0, 10)
+    for ids, blk in zip(items["input_ids"].to_pylist(), items["blk"].to_pylist()):
+        blocks = np.asarray(blk)
+        for b in set(blk) - {0}:
+            assert (blocks == b).sum() - 1 <= 8, "an utterance longer than the cap was drawn"
+    uncapped, _ = build_smr(corpus, SMRConfig(samples=10, utterances_per_sample=4), IDS, 512, 0, 0, 10)
+    assert max(len(x) for x in uncapped["input_ids"].to_pylist()) > max(len(x) for x in items["input_ids"].to_pylist())

@@ -84,4 +84,21 @@ def test_fast_encoder_equals_transformers(tokenizer, tokenizer_dir, shared_data)
 
     texts = [t.text for d in list(iter_dialogues(str(shared_data / "msc" / "session_2_test.jsonl")))[:40] for t in d.turns]
     texts += ["<|im_end|> literal specials", "  spaces  ", "émoji 🙂 ünïcode"]
-    assert FastEncoder(tokenizer_dir)(texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    expect = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert FastEncoder(tokenizer_dir)(texts) == expect
+    with open(f"{tokenizer_dir}/tokenizer.json", encoding="utf-8") as f:
+        assert FastEncoder.from_json(f.read())(texts) == expect  # what Ray workers build from the object store
+
+
+def test_train_bpe_tokenizer_is_deterministic_and_prep_ready(tmp_path, shared_data):
+    from data_prep.tokenizer import load_tokenizer, prepare_tokenizer, train_bpe_tokenizer
+
+    src = [str(shared_data / "msc" / "session_2_valid.jsonl")]
+    a = load_tokenizer(train_bpe_tokenizer(src, str(tmp_path / "a"), vocab_size=512))
+    b = load_tokenizer(train_bpe_tokenizer(src, str(tmp_path / "b"), vocab_size=512))
+    assert len(a) == 512 and a.get_vocab() == b.get_vocab()
+    ids = prepare_tokenizer(a)
+    assert (ids.bos, ids.eou, ids.pad) == (0, 1, 2)
+    text = "Hi! I just got back from a run. Do you exercise much?"
+    enc = a(text, add_special_tokens=False)["input_ids"]
+    assert a.decode(enc) == text and 0 not in enc and 1 not in enc

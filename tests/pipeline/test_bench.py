@@ -17,7 +17,7 @@ def test_bench_attention_writes_json(tmp_path, shared_data):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert [r["T"] for r in result["summary"]] == [512, 1024]  # above the 256-query chunk
+    assert [r["T"] for r in result["summary"]] == [512, 1024]  # above the 128-query chunk
     for r in result["summary"]:
         assert r["sink_s"] > 0 and r["dense_mask_s"] > 0 and r["causal_s"] > 0
         assert 0 < r["key_fraction_computed"] < 1

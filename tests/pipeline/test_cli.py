@@ -39,6 +39,7 @@ GOOD = {"id": "a", "turns": [{"speaker": "A", "text": "hello there"}, {"speaker"
 @pytest.mark.parametrize("bad, expect", [
     ('{"id": "b", "turns": [', "malformed JSON"),
     ({"id": "b", "turns": [{"speaker": "A", "text": "  "}]}, "empty"),
+    ({"id": "b", "turns": [{"speaker": "A", "text": ""}]}, "empty"),
     ({"id": "b", "turns": [{"speaker": "A", "text": 42}]}, "must be a string"),
 ])
 def test_prep_bad_record_names_file_and_line(tmp_path, bad, expect):
