@@ -188,6 +188,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_tokenizer(args) -> int:
+    from data_prep.sources import resolve_inputs
+    from data_prep.tokenizer import train_bpe_tokenizer
+
+    paths = resolve_inputs(list(args.inputs))
+    out = train_bpe_tokenizer(paths, args.out, vocab_size=args.vocab_size, fmt=args.format)
+    print(f"tokenizer: {args.vocab_size} tokens from {len(paths)} file(s) -> {out} (use it with data.tokenizer={out})")
+    return 0
+
+
 def cmd_run(args) -> int:
     from .config import load_config
     from .run import run_recipe
@@ -252,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="JSON output (a Markdown table is written next to it)")
     s.add_argument("overrides", nargs="*", help=_overrides_help())
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("tokenizer", help="train a small byte-level BPE tokenizer on dialogue files (for models trained from scratch)")
+    s.add_argument("inputs", nargs="+", help="dialogue files (any input format)")
+    s.add_argument("--out", required=True, help="output tokenizer folder (then data.tokenizer=FOLDER)")
+    s.add_argument("--vocab-size", type=int, default=2048, help="vocabulary size, <bos> <eos> <pad> included")
+    s.add_argument("--format", default="auto", choices=["auto", "canonical", "personachat", "msc", "messages"], help="input format")
+    s.set_defaults(fn=cmd_tokenizer)
 
     s = sub.add_parser("run", help="prep → train → export → one chat reply, from one recipe")
     s.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")

@@ -53,6 +53,19 @@ def test_bench_inference_writes_rows_ratios_and_plot(tiny, tmp_path, shared_data
     assert "latency_recompute_over_streamingdialogue" in ratio and "streamingdialogue" in r["summary"]
 
 
+def test_recompute_window_is_set_apart_from_streamingllms(tiny, tmp_path, shared_data, tokenizer):
+    from pipeline.bench_inference import bench_inference, long_conversation
+
+    r = bench_inference(tiny, str(tmp_path / "w.json"), utterances=(12,), policies=("recompute", "streamingllm", "streamingdialogue"),
+                        decode_tokens=2, repeats=1, window=20, recompute_window=60, utterance_samples=1, data_dir=str(shared_data))
+    convo = long_conversation(tokenizer, str(shared_data), 12)
+    tokens = 1 + sum(len(u) + 1 for u in convo)
+    by = {x["policy"]: x for x in r["rows"]}
+    assert by["recompute"]["cached_positions"] == min(60, tokens - len(convo[-1]) - 1) + len(convo[-1]) + 1
+    assert by["streamingllm"]["cached_positions"] == min(tokens, 4 + 20)
+    assert r["setting"]["recompute_window"] == 60 and r["setting"]["window"] == 20
+
+
 def test_time_budget_skips_are_recorded(tiny, tmp_path, shared_data):
     from pipeline.bench_inference import bench_inference
 

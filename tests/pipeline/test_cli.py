@@ -86,3 +86,18 @@ def test_resume_without_checkpoint(tmp_path, shared_data):
     line = one_line_error(proc)
     assert "no complete checkpoint" in line
     assert not (out / "checkpoints" / "latest").exists()
+
+
+def test_tokenizer_command_and_its_bad_input(tmp_path):
+    src = tmp_path / "dialogues.jsonl"
+    write_jsonl(src, [GOOD, GOOD | {"id": "c"}])
+    proc = convsink("tokenizer", str(src), "--out", str(tmp_path / "tok"), "--vocab-size", "300", "--format", "canonical")
+    assert proc.returncode == 0, proc.stderr
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<bos>", "<eos>", "<pad>") and len(tok) <= 300
+    with open(src, "a") as f:
+        f.write('{"id": "b", "turns": [\n')
+    proc = convsink("tokenizer", str(src), "--out", str(tmp_path / "tok2"), "--format", "canonical")
+    assert f"{src}:3:" in one_line_error(proc) and proc.returncode == 2

@@ -23,7 +23,6 @@ import pytest
 
 from data_prep.config import DataConfig
 from data_prep.prep import prepare
-from data_prep.tokenizer import train_bpe_tokenizer
 from pipeline.memory_probe import task_accuracy
 from pipeline.tracking import find_offline_runs, read_offline_run
 
@@ -43,7 +42,8 @@ def convsink(*args, timeout=1500):
 def test_run_chains_memory_and_dialogue_stages_and_the_eou_learns_its_utterance(tmp_path, shared_data):
     msc = shared_data / "msc"
     train_files = [str(msc / "session_2_valid.jsonl"), str(msc / "session_3_valid.jsonl")]
-    tok = train_bpe_tokenizer(train_files, str(tmp_path / "bpe"), vocab_size=2048)
+    tok = str(tmp_path / "bpe")
+    convsink("tokenizer", *train_files, "--out", tok, "--vocab-size", "2048")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""
 inputs: {json.dumps(train_files)}
