@@ -184,3 +184,23 @@ def test_flex_block_mask_equals_create_block_mask_and_skips_blocks():
         blocks[permute] = int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())
     assert blocks[False] == 16 * 17 // 2  # natural key order: EoUs everywhere, every causal block is touched
     assert blocks[True] < 0.5 * blocks[False], blocks  # sinks gathered first: block-sparse
+
+
+@pytest.mark.slow
+def test_compiled_flex_equals_dense_and_does_not_recompile_per_batch():
+    """torch.compile'd FlexAttention (forward on CPU; the CUDA path is the same call): batches with different
+    metadata but the same shape and kinds reuse one compiled graph, because the BlockMask's predicates read the
+    metadata as tensors; every batch equals dense-mask SDPA."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in (1, 2, 3):
+            batch = random_packed_batch(2, 256, ["smr", "lmr"], seed=seed)  # the memory stage's mixed rows
+            q, k, v = (t.detach() for t in qkv(2, 256, H=2, Hkv=1, seed=seed))
+            out = FlexSinkAttention(batch, compiled=True, **PARAMS)(q, k, v, 0.25)
+            ref = DenseMaskAttention(batch_dense_mask(batch, **PARAMS))(q, k, v, 0.25)
+            assert (out - ref).abs().max() <= TOL
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[1] == graphs[2] == graphs[0], f"recompiled per batch: {graphs}"

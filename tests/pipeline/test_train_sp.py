@@ -1,5 +1,6 @@
 """Ulysses sequence parallelism under ZeRO-3: 2 processes with sequence_parallel_size=2 train exactly like 1 process
-over the same packed data (same losses, same parameters after 10 steps)."""
+over the same packed data (same losses, same parameters after 10 steps): dialogue rows under dense-mask SDPA, and
+memory-stage rows (SMR and LMR mixed in every micro-batch) under the sink attention."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pipeline.zero_checkpoint import consolidate_zero3
 pytestmark = pytest.mark.slow
 BASE = ["data.seq_len=128", "model.max_position_embeddings=512", "model.hidden_size=32", "model.intermediate_size=64",
         "model.num_heads=4", "model.num_kv_heads=2", "train.micro_batch_size=1", "train.grad_accum=2", "train.lr=5e-3",
-        "train.warmup_steps=2", "train.max_steps=10", "train.save_every=10", "model.attention=dense", "wandb.mode=disabled"]
+        "train.warmup_steps=2", "train.max_steps=10", "train.save_every=10", "wandb.mode=disabled"]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,13 @@ def shards(tmp_path_factory, shared_data):
 
     out = tmp_path_factory.mktemp("sp") / "shards"
     prepare([str(shared_data / "msc" / "session_3_valid.jsonl")], str(out),
-            load_config(None, ["data.seq_len=128", "data.max_dialogues=20", "data.engine=local"]).data, progress=False)
+            load_config(None, ["data.seq_len=128", "data.max_dialogues=20", "data.engine=local", "data.smr.samples=24",
+                               "data.smr.utterances_per_sample=3", "data.lmr.samples=24", "data.lmr.pairs_per_sample=2"]).data,
+            progress=False)
+    from pipeline.data import load_shards
+
+    for stage in ("dialogue", "memory"):  # packed: some rows hold several dialogues / samples
+        assert (load_shards(str(out), stage).arrays["doc_ids"].max(1) >= 1).any(), stage
     return str(out)
 
 
@@ -37,9 +44,11 @@ def _run(shards, out, overrides):
     return [r["loss"] for r in history], consolidate_zero3(os.path.join(root, latest_tag(root)))
 
 
-def test_sequence_parallel_matches_single_process(shards, tmp_path):
-    single_loss, single_params = _run(shards, str(tmp_path / "single"), ["train.nproc=1"])
-    sp_loss, sp_params = _run(shards, str(tmp_path / "sp2"), ["train.nproc=2", "train.sequence_parallel_size=2"])
+@pytest.mark.parametrize("attention,stage", [("dense", "dialogue"), ("sink", "memory")])
+def test_sequence_parallel_matches_single_process(shards, tmp_path, attention, stage):
+    common = [f"model.attention={attention}", f"train.stage={stage}"]
+    single_loss, single_params = _run(shards, str(tmp_path / "single"), common + ["train.nproc=1"])
+    sp_loss, sp_params = _run(shards, str(tmp_path / "sp2"), common + ["train.nproc=2", "train.sequence_parallel_size=2"])
     print("single", single_loss, "\nsp=2  ", sp_loss)
     assert len(single_loss) == len(sp_loss) == 10
     for a, b in zip(single_loss, sp_loss):
