@@ -40,6 +40,7 @@ class ChunkTask:
     first_record: int
     payload: bytes = b""  # whole-file formats: pickled [(key, turns, line) | DataError]
     records: int = 0
+    nbytes: int = 0  # input bytes the task covers (for whole-file formats an estimate): balances the tasks
 
     def to_row(self) -> dict:
         return dict(self.__dict__)
@@ -71,42 +72,42 @@ def chunk_tasks(paths: list[str], metas: list[dict], cfg: DataConfig, workers: i
     for fi, (path, meta) in enumerate(zip(paths, metas)):
         fmt = meta["format"]
         if fmt not in WHOLE_FILE_FORMATS:
-            fine += [ChunkTask(fi, path, fmt, c.start, c.end, c.first_line, c.first_record, records=c.records)
-                     for c in meta["_chunks"]]
+            fine += [ChunkTask(fi, path, fmt, c.start, c.end, c.first_line, c.first_record, records=c.records,
+                               nbytes=c.end - c.start) for c in meta["_chunks"]]
             continue
-        records = personachat_records(path, read_text(path))
+        text = read_text(path)
+        records = personachat_records(path, text)
         if cfg.max_dialogues is not None:
             records = records[:cfg.max_dialogues]
+        per_record = len(text.encode("utf-8")) / max(len(records), 1)  # bytes, for balancing
         for k in range(0, len(records), size):
             part = records[k:k + size]
-            fine.append(ChunkTask(fi, path, fmt, 0, 0, 0, k, pickle.dumps(part, protocol=5), records=len(part)))
-    if cfg.chunk_records is not None:
-        return fine
-
-    def weight(t: ChunkTask) -> int:
-        return len(t.payload) if t.payload else t.end - t.start
-
-    target = -(-sum(weight(t) for t in fine) // (4 * max(workers, 1)))  # bytes per task
-    merged: list[ChunkTask] = []
-    sizes: list[int] = []
-    payloads: list[list] = []  # whole-file formats: the records of each merged task, pickled once at the end
+            task = ChunkTask(fi, path, fmt, 0, 0, 0, k, records=len(part), nbytes=int(per_record * len(part)))
+            task.payload = part  # pickled once the tasks are final (below)
+            fine.append(task)
+    if cfg.chunk_records is None:
+        fine = _merge_by_bytes(fine, workers)
     for t in fine:
-        w = weight(t)
-        if (merged and merged[-1].file_index == t.file_index and sizes[-1] + w <= target
-                and merged[-1].records + t.records <= MAX_AUTO_CHUNK):
-            last = merged[-1]
+        if t.payload:
+            t.payload = pickle.dumps(t.payload, protocol=5)
+    return fine
+
+
+def _merge_by_bytes(fine: list[ChunkTask], workers: int) -> list[ChunkTask]:
+    """Consecutive chunks of one file merged into about 4 tasks per worker of about equal bytes, at most
+    ``MAX_AUTO_CHUNK`` records each."""
+    target = -(-sum(t.nbytes for t in fine) // (4 * max(workers, 1)))
+    merged: list[ChunkTask] = []
+    for t in fine:
+        last = merged[-1] if merged else None
+        if (last is not None and last.file_index == t.file_index and last.nbytes + t.nbytes <= target
+                and last.records + t.records <= MAX_AUTO_CHUNK):
+            last.payload = last.payload + t.payload  # lists of records (whole-file formats) or b""
             last.end = t.end
             last.records += t.records
-            sizes[-1] += w
-            if t.payload:
-                payloads[-1] += pickle.loads(t.payload)
+            last.nbytes += t.nbytes
         else:
             merged.append(ChunkTask(**t.__dict__))
-            sizes.append(w)
-            payloads.append(pickle.loads(t.payload) if t.payload else [])
-    for task, records in zip(merged, payloads):
-        if task.payload:
-            task.payload = pickle.dumps(records, protocol=5)
     return merged
 
 

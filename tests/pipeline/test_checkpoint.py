@@ -68,3 +68,30 @@ def test_rotation_keeps_newest_n(tmp_path):
         checkpoint.save(CrashingEngine(), root, step, {"step": step}, keep_last=2)
     assert sorted(n for n in os.listdir(root) if n.startswith("step")) == ["step000015", "step000020"]
     assert checkpoint.latest_tag(root) == "step000020"
+
+
+@pytest.mark.parametrize("window", ["state_file", "rename", "latest"])
+def test_a_save_killed_after_the_shards_keeps_the_previous_resume_point(tmp_path, monkeypatch, window):
+    """The remaining windows of a save: killed while writing convsink_state.json, at the rename of the temporary
+    folder, or after the rename but before ``latest`` is replaced. ``latest`` still names the previous checkpoint,
+    which is complete, and the next save goes through."""
+    root = checkpoint.checkpoint_root(str(tmp_path))
+    checkpoint.save(CrashingEngine(), root, 10, {"step": 10}, keep_last=3)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt(f"killed at {window}")
+
+    with monkeypatch.context() as m:
+        if window == "state_file":
+            m.setattr(checkpoint.json, "dump", killed)
+        elif window == "rename":
+            m.setattr(checkpoint.os, "rename", killed)
+        else:
+            m.setattr(checkpoint, "_write_atomic", killed)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.save(CrashingEngine(), root, 15, {"step": 15}, keep_last=3)
+    assert checkpoint.latest_tag(root) == "step000010"
+    assert checkpoint.read_state(root, "step000010")["step"] == 10
+    check_run_dir(str(tmp_path), resume=True)
+    checkpoint.save(CrashingEngine(), root, 15, {"step": 15}, keep_last=3)
+    assert checkpoint.latest_tag(root) == "step000015" and checkpoint.read_state(root, "step000015")["step"] == 15

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import pytest
@@ -20,6 +21,17 @@ def test_every_recipe_validates(recipe, monkeypatch):
     assert cfg.inputs, "every recipe names its inputs"
     if cfg.train.ds_config:
         assert os.path.isfile(os.path.join(REPO, cfg.train.ds_config))
+    # the DeepSpeed config the trainer would hand to deepspeed.initialize passes DeepSpeed's own validation
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from pipeline.train import deepspeed_config
+
+    monkeypatch.chdir(REPO)  # ds_config paths are relative to the repository root, as in the recipes
+    ds = DeepSpeedConfig(deepspeed_config(cfg, 1, bf16=True))
+    assert ds.zero_config.stage == (cfg.train.zero_stage if cfg.train.ds_config is None else json.load(open(cfg.train.ds_config))["zero_optimization"]["stage"])
+    assert ds.train_batch_size == cfg.train.micro_batch_size * cfg.train.grad_accum
+    if "offload" in (cfg.train.ds_config or "") or cfg.train.offload:
+        assert ds.zero_config.offload_optimizer is not None and ds.zero_config.offload_param is not None
 
 
 def test_unset_env_var_is_an_error_naming_the_key(tmp_path, monkeypatch):

@@ -72,7 +72,9 @@ chat: {{max_new_tokens: 4}}
     assert dialogue_cfg["train"]["stage"] == "dialogue"
     assert dialogue_cfg["train"]["init_from"] == str(run / "export-memory")
     dialogue = read_offline_run(find_offline_runs(str(run / "train"))[0])
-    assert all("loss/dialogue" in r and "loss/smr" not in r for r in dialogue["history"] if "loss" in r)
+    logged = [r for r in dialogue["history"] if "loss" in r]
+    assert len(logged) == DIALOGUE_STEPS // 10
+    assert all("loss/dialogue" in r and "loss/smr" not in r and "loss/lmr" not in r for r in logged)
 
     # the same model trained on dialogues alone, as many steps as both stages together
     convsink("train", "--config", str(recipe), "--data", str(run / "data"), "--out", str(tmp_path / "dialogue-only"),
@@ -95,6 +97,8 @@ chat: {{max_new_tokens: 4}}
     print("\n".join(lines))
     (tmp_path / "smr_accuracy.txt").write_text("\n".join(lines) + "\n")
 
+    # judged on the memory stage's export; the chained model is reported (40 dialogue steps at this learning rate
+    # wash the skill out again on a model this small: see the README)
     assert acc["memory stage", True] >= acc["dialogues alone", True] + 0.08, lines
     assert acc["memory stage", True] >= acc["memory stage", False] + 0.08, "the gain must come through the EoU"
     assert acc["dialogues alone", True] <= acc["dialogues alone", False] + 0.03, "no memory path without the memory stage"

@@ -50,7 +50,8 @@ EVAL_ROWS = 7  # odd: the second rank runs a padding row in the last eval batch
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, shards, eval_shards):
     out = str(tmp_path_factory.mktemp("run") / "full")
-    cfg = load_config(None, TINY + [f"train.eval_data={eval_shards}", "train.eval_every=10", f"train.eval_rows={EVAL_ROWS}"])
+    cfg = load_config(None, TINY + [f"train.eval_data={eval_shards}", "train.eval_every=10", f"train.eval_rows={EVAL_ROWS}",
+                                    "train.peak_tflops=1.0", "wandb.name=tiny-full", "wandb.group=tests"])
     result = launch_training(cfg, shards, out)
     return out, result
 
@@ -99,7 +100,13 @@ def test_wandb_offline_run_holds_loss_history(full_run):
         assert logged[step] == pytest.approx(loss, rel=1e-9)
     for key in ("lr", "grad_norm", "tokens_per_s", "step_time", "loss/dialogue"):
         assert key in record["history"][-1]
+    for r in (r for r in record["history"] if "loss" in r):  # every logged step (log_every=1)
+        assert r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0
+        assert 0 < r["mask_density"] < 1, "the dialogue mask attends to fewer pairs than causal"
+        assert r["keys_per_query"] > 1 and r["tflops_per_device"] > 0
+        assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 1.0)  # train.peak_tflops=1
     assert record["config"]["train"]["max_steps"] == 20
+    assert record["config"]["wandb"]["name"] == "tiny-full" and record["config"]["wandb"]["group"] == "tests"
 
 
 def test_eval_metrics_equal_a_single_process_reference(full_run, eval_shards, tmp_path):
@@ -146,6 +153,25 @@ def test_eval_every_needs_matching_eval_data(shards, tmp_path):
     with pytest.raises(ValueError, match="no lmr/smr rows for the memory stage"):
         prepare_run_dir(load_config(None, TINY + ["train.eval_every=5", f"train.eval_data={shards}", "train.stage=memory"]),
                         shards, str(tmp_path / "b"), resume=False)
+
+
+def test_deepspeed_launcher_with_the_cluster_ds_config_equals_torchrun(shards, tmp_path):
+    """``train.launcher=deepspeed`` with ``ds_configs/zero3.json`` (the 1B recipe's) trains the same 4 steps as
+    torchrun with the same JSON: the launcher and the recipe's DeepSpeed file both really run."""
+    common = TINY + ["train.max_steps=4", "train.save_every=4", f"train.ds_config={os.path.join(REPO, 'ds_configs', 'zero3.json')}",
+                     "wandb.mode=disabled"]
+    losses = {}
+    for launcher in ("torchrun", "deepspeed"):
+        out = str(tmp_path / launcher)
+        result = launch_training(load_config(None, common + [f"train.launcher={launcher}"]), shards, out)
+        losses[launcher] = _history(out)
+        assert result["checkpoint"].endswith("step000004")
+        files = os.listdir(result["checkpoint"])
+        for rank in (0, 1):
+            assert any(f"zero_pp_rank_{rank}_" in n and "optim_states" in n for n in files), (rank, files)
+    assert sorted(losses["deepspeed"]) == [1, 2, 3, 4]
+    for step, loss in losses["torchrun"].items():
+        assert losses["deepspeed"][step] == pytest.approx(loss, abs=1e-6)
 
 
 def test_export_matches_engine_parameters_and_logits(shards, tmp_path):
