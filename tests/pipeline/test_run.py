@@ -102,3 +102,15 @@ chat: {{max_new_tokens: 4}}
     assert acc["memory stage", True] >= acc["dialogues alone", True] + 0.08, lines
     assert acc["memory stage", True] >= acc["memory stage", False] + 0.08, "the gain must come through the EoU"
     assert acc["dialogues alone", True] <= acc["dialogues alone", False] + 0.03, "no memory path without the memory stage"
+
+
+def test_quickstart_recipe_runs_as_shipped(tmp_path):
+    """configs/quickstart.yaml as `make quickstart` runs it (relative ../shared/data inputs, from the repository root),
+    shortened by overrides only: it ends by printing where the exported model and the W&B run are."""
+    out = tmp_path / "quickstart"
+    proc = convsink("run", "configs/quickstart.yaml", f"out_dir={out}", "train.max_steps=4", "train.warmup_steps=1",
+                    "data.max_dialogues=40", "chat.max_new_tokens=4")
+    tail = proc.stdout.strip().splitlines()[-2:]
+    assert tail[0] == f"done. exported model: {out / 'export'}", tail
+    assert tail[1].strip().startswith("W&B run (offline):") and os.path.isdir(tail[1].split(": ", 1)[1]), tail
+    assert (out / "export" / "model.safetensors").is_file() and (out / "export" / "convsink.json").is_file()
