@@ -22,6 +22,7 @@ def test_bench_attention_writes_json(tmp_path, shared_data):
         assert r["sink_s"] > 0 and r["dense_mask_s"] > 0 and r["causal_s"] > 0
         assert 0 < r["key_fraction_computed"] < 1
     assert result["summary"][1]["key_fraction_computed"] < result["summary"][0]["key_fraction_computed"]
+    assert all(r["peak_reset"] for r in result["rows"])  # the work's own peak, not the import-time high-water mark
     assert "speedup" in proc.stdout or "x vs dense-mask" in proc.stdout
 
 
@@ -50,3 +51,18 @@ def test_packed_layout_keeps_episodes_apart_and_bounds_the_work(shared_data):
         attn = SinkAttention(packed_batch(episodes, T))
         fractions.append(attn.keys_computed / attn.keys_dense * T)  # computed keys per query
     assert fractions[1] < 1.5 * fractions[0], fractions
+
+
+def test_work_peak_rss_is_reset_before_the_timed_work():
+    import numpy as np
+
+    from pipeline.bench_attention import _peak_rss_gb, _reset_peak_rss, _rss_gb
+
+    big = np.ones(300 * 2**20 // 8)  # a high-water mark of +300 MB ...
+    del big
+    assert _reset_peak_rss()
+    before = _rss_gb()
+    assert _peak_rss_gb() - before < 0.1  # ... forgotten after the reset
+    work = np.ones(100 * 2**20 // 8)
+    assert 0.09 < _peak_rss_gb() - before < 0.2
+    del work
