@@ -37,6 +37,7 @@ def prepare_run_dir(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool) -
     if manifest["seq_len"] > cfg.model.max_position_embeddings and cfg.model.path is None:
         raise ValueError(f"{data_dir}: shards have seq_len {manifest['seq_len']} > model.max_position_embeddings")
     check_run_dir(out_dir, resume)
+    check_stage_rows(data_dir, manifest, "", cfg.train.stage)
     if cfg.train.init_from and not os.path.isfile(os.path.join(cfg.train.init_from, "config.json")):
         raise FileNotFoundError(f"{cfg.train.init_from}: train.init_from is not a model folder (no config.json)")
     if cfg.train.eval_every:
@@ -55,10 +56,20 @@ def prepare_run_dir(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool) -
     return cfg_path
 
 
-def check_eval_data(cfg: RunConfig, manifest: dict) -> None:
-    """train.eval_every needs train.eval_data: shards of the same tokenizer holding this stage's mask kinds."""
+def check_stage_rows(data_dir: str, manifest: dict, what: str, stage: str) -> None:
+    """The shards must hold rows of the stage's mask kinds (memory: smr/lmr; dialogue: dialogue)."""
     from .data import STAGE_KINDS
 
+    kinds = set(STAGE_KINDS[stage])
+    have = {k for sh in manifest["shards"] for k in sh.get("mask_kind", [])}
+    if not kinds & have:
+        hint = " (prep with data.smr.samples / data.lmr.samples)" if stage == "memory" else ""
+        raise ValueError(f"{data_dir}: {what}no {'/'.join(sorted(kinds))} rows for the {stage} stage "
+                         f"(it holds: {', '.join(sorted(have)) or 'nothing'}){hint}")
+
+
+def check_eval_data(cfg: RunConfig, manifest: dict) -> None:
+    """train.eval_every needs train.eval_data: shards of the same tokenizer holding this stage's mask kinds."""
     t = cfg.train
     if not t.eval_data:
         raise ValueError("train.eval_every is set but train.eval_data is not (a shard folder from `convsink prep` of held-apart dialogues)")
@@ -66,10 +77,7 @@ def check_eval_data(cfg: RunConfig, manifest: dict) -> None:
     if ev["tokenizer"] != manifest["tokenizer"]:
         raise ValueError(f"{t.eval_data}: train.eval_data was tokenized differently from the training shards "
                          f"(tokenizer {ev['tokenizer']} vs {manifest['tokenizer']})")
-    kinds = set(STAGE_KINDS[t.stage])
-    have = {k for sh in ev["shards"] for k in sh.get("mask_kind", [])}
-    if not kinds & have:
-        raise ValueError(f"{t.eval_data}: no {'/'.join(sorted(kinds))} rows for the {t.stage} stage (it holds: {', '.join(sorted(have)) or 'nothing'})")
+    check_stage_rows(t.eval_data, ev, "train.eval_data: ", t.stage)
     if ev["seq_len"] > cfg.model.max_position_embeddings and cfg.model.path is None:
         raise ValueError(f"{t.eval_data}: shards have seq_len {ev['seq_len']} > model.max_position_embeddings")
 

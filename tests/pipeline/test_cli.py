@@ -101,3 +101,15 @@ def test_tokenizer_command_and_its_bad_input(tmp_path):
         f.write('{"id": "b", "turns": [\n')
     proc = convsink("tokenizer", str(src), "--out", str(tmp_path / "tok2"), "--format", "canonical")
     assert f"{src}:3:" in one_line_error(proc) and proc.returncode == 2
+
+
+def test_memory_stage_on_shards_without_memory_samples_stops_before_launch(tmp_path, shared_data):
+    data = tmp_path / "shards"
+    proc = convsink("prep", str(shared_data / "msc" / "session_2_valid.jsonl"), "--out", str(data), "data.max_dialogues=5",
+                    "data.seq_len=256", "--engine", "local")
+    assert proc.returncode == 0, proc.stderr
+    proc = convsink("train", "--config", "configs/quickstart.yaml", "--data", str(data), "--out", str(tmp_path / "run"),
+                    "--stage", "memory")
+    line = one_line_error(proc)
+    assert f"{data}: no lmr/smr rows for the memory stage" in line and "data.smr.samples" in line
+    assert proc.returncode == 2 and not (tmp_path / "run").exists()
