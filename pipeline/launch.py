@@ -38,6 +38,7 @@ def prepare_run_dir(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool) -
         raise ValueError(f"{data_dir}: shards have seq_len {manifest['seq_len']} > model.max_position_embeddings")
     check_run_dir(out_dir, resume)
     check_stage_rows(data_dir, manifest, "", cfg.train.stage)
+    check_sequence_parallel(cfg, manifest["seq_len"])
     if cfg.train.init_from and not os.path.isfile(os.path.join(cfg.train.init_from, "config.json")):
         raise FileNotFoundError(f"{cfg.train.init_from}: train.init_from is not a model folder (no config.json)")
     if cfg.train.eval_every:
@@ -54,6 +55,30 @@ def prepare_run_dir(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool) -
     shutil.rmtree(os.path.join(out_dir, "tokenizer"), ignore_errors=True)
     shutil.copytree(os.path.join(data_dir, "tokenizer"), os.path.join(out_dir, "tokenizer"))
     return cfg_path
+
+
+def check_sequence_parallel(cfg: RunConfig, seq_len: int) -> None:
+    """Ulysses needs seq_len and both head counts divisible by the SP size; for a model folder (model.path or
+    train.init_from) the head counts come from its config.json (random-init models are checked by the recipe)."""
+    from .sequence_parallel import check_sp_size
+
+    sp = cfg.train.sequence_parallel_size
+    if sp == 1:
+        return
+    if seq_len % sp:
+        raise ValueError(f"train.sequence_parallel_size={sp} does not divide the shards' seq_len={seq_len}")
+    folder = cfg.train.init_from or cfg.model.path
+    if folder is None:
+        return
+    from .model import resolve_model_path
+
+    with open(os.path.join(resolve_model_path(folder), "config.json")) as f:
+        mc = json.load(f)
+    heads = mc["num_attention_heads"]
+    try:
+        check_sp_size(heads, mc.get("num_key_value_heads") or heads, sp)
+    except ValueError as e:
+        raise ValueError(f"{folder}: train.{e}") from None
 
 
 def check_stage_rows(data_dir: str, manifest: dict, what: str, stage: str) -> None:

@@ -63,3 +63,17 @@ def test_sequence_parallel_size_must_divide_heads():
 
     with pytest.raises(ConfigError, match="sequence_parallel_size"):
         load_config(None, BASE + ["train.nproc=3", "train.sequence_parallel_size=3"])
+
+
+def test_sequence_parallel_size_is_checked_against_a_model_folder_before_launch(shards, tmp_path):
+    """A pretrained folder's head counts (9 query / 3 key-value heads, as SmolLM2-135M) are checked before any rank
+    starts, and so is the shards' seq_len."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    LlamaConfig(hidden_size=72, num_attention_heads=9, num_key_value_heads=3).to_json_file(str(folder / "config.json"))
+    cfg = load_config(None, BASE + ["train.nproc=2", "train.sequence_parallel_size=2", f"model.path={folder}"])
+    with pytest.raises(ValueError, match=r"model: train.sequence_parallel_size=2 must divide num_heads=9 and num_kv_heads=3"):
+        launch_training(cfg, shards, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
