@@ -72,7 +72,7 @@ def bench_inference(model_dir: str = "tiny", out: str = "bench/inference_tiny.js
 
     ``window`` is streamingllm's recent window; ``recompute_window`` (default: ``window``) is how many recent tokens
     ``recompute`` re-encodes at every utterance. The papers' "dense attention with recomputation" attends to all
-    the context the model holds, so the benchmark reports it at the model's context length as well as at w = 256."""
+    the context the model holds; the README reports recompute at w = 2048 as well as at w = 256."""
     from .cache import Conversation
     from .chat import load_chat_model
 

@@ -48,7 +48,7 @@ def test_run_chains_memory_and_dialogue_stages_and_the_eou_learns_its_utterance(
     recipe.write_text(f"""
 inputs: {json.dumps(train_files)}
 out_dir: {tmp_path / 'run'}
-data: {{tokenizer: {tok}, seq_len: 256, engine: local, smr: {{samples: 2400, utterances_per_sample: 8, max_utterance_tokens: 12}},
+data: {{tokenizer: {tok}, seq_len: 256, engine: local, smr: {json.dumps(dict(SMR, samples=2400))},
         lmr: {{samples: 1200, pairs_per_sample: 4}}}}
 model: {{hidden_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 4, intermediate_size: 256, max_position_embeddings: 512}}
 train: {{nproc: 2, micro_batch_size: 4, memory_steps: {MEMORY_STEPS}, max_steps: {DIALOGUE_STEPS}, warmup_steps: 20, lr: 3.0e-3,

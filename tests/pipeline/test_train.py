@@ -155,7 +155,7 @@ def test_eval_every_needs_matching_eval_data(shards, tmp_path):
                         shards, str(tmp_path / "b"), resume=False)
 
 
-def test_deepspeed_launcher_with_the_cluster_ds_config_equals_torchrun(shards, tmp_path):
+def test_deepspeed_launcher_with_the_cluster_ds_config_equals_torchrun(shards, tmp_path, capfd):
     """``train.launcher=deepspeed`` with ``ds_configs/zero3.json`` (the 1B recipe's) trains the same 4 steps as
     torchrun with the same JSON: the launcher and the recipe's DeepSpeed file both really run."""
     common = TINY + ["train.max_steps=4", "train.save_every=4", f"train.ds_config={os.path.join(REPO, 'ds_configs', 'zero3.json')}",
@@ -163,7 +163,10 @@ def test_deepspeed_launcher_with_the_cluster_ds_config_equals_torchrun(shards, t
     losses = {}
     for launcher in ("torchrun", "deepspeed"):
         out = str(tmp_path / launcher)
+        capfd.readouterr()
         result = launch_training(load_config(None, common + [f"train.launcher={launcher}"]), shards, out)
+        printed = "".join(capfd.readouterr())
+        assert ("deepspeed.launcher.launch" in printed) == (launcher == "deepspeed"), "which launcher really ran"
         losses[launcher] = _history(out)
         assert result["checkpoint"].endswith("step000004")
         files = os.listdir(result["checkpoint"])
