@@ -10,8 +10,8 @@ import json
 import os
 from typing import Iterator, Literal
 
-from .schema import DataError, Dialogue, make_dialogue
-from .sources import is_uri, read_text, resolve_inputs
+from data_prep.schema import DataError, Dialogue, make_dialogue
+from data_prep.sources import is_uri, read_text, resolve_inputs
 
 Format = Literal["auto", "canonical", "personachat", "msc", "messages"]
 FORMATS = ("canonical", "personachat", "msc", "messages")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .schema import DataError
-from .tokenize import TokenizedDialogue
+from data_prep.layout import TokenizedDialogue
+from data_prep.schema import DataError
 
 _TOKEN_COLUMNS = [
     ("input_ids", pa.list_(pa.int32())),

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import LMRConfig, SMRConfig
-from .items import items_table
-from .tokenize import IGNORE, TokenizedDialogue
-from .tokenizer import SpecialIds
+from data_prep.config import LMRConfig, SMRConfig
+from data_prep.items import items_table
+from data_prep.layout import IGNORE, TokenizedDialogue
+from data_prep.tokenizer_loading import SpecialIds
 
 
 def smr_sample(name: str, utterances: list[list[int]], ids: SpecialIds, seq_len: int) -> TokenizedDialogue:

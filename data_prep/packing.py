@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 
-from .tokenize import IGNORE, TokenizedDialogue
+from data_prep.layout import IGNORE, TokenizedDialogue
 
 COLUMNS = ("input_ids", "labels", "position_ids", "doc_ids", "utt_ids", "eou", "blk")
 

@@ -24,16 +24,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import DataConfig
-from .items import ITEM_SCHEMA
-from .memory_tasks import Corpus, build_lmr, build_smr, lmr_ineligible, smr_plan
-from .packing import pack_bins
-from .progress import Progress
-from .reader import input_metas
-from .schema import DataError
-from .shards import MANIFEST, encode_shard
-from .sources import is_uri, resolve_inputs
-from .tokenizer import load_tokenizer, prepare_tokenizer
+from data_prep.config import DataConfig
+from data_prep.items import ITEM_SCHEMA
+from data_prep.memory_tasks import Corpus, build_lmr, build_smr, lmr_ineligible, smr_plan
+from data_prep.packing import pack_bins
+from data_prep.progress import Progress
+from data_prep.reader import input_metas
+from data_prep.schema import DataError
+from data_prep.shards import MANIFEST, encode_shard
+from data_prep.sources import is_uri, resolve_inputs
+from data_prep.tokenizer_loading import load_tokenizer, prepare_tokenizer
 
 FORMAT_VERSION = 2
 EXECUTION_FIELDS = ("engine", "workers", "chunk_records", "memory_chunk")  # never change the output
@@ -98,10 +98,10 @@ def prepare(inputs: list[str], out: str, cfg: DataConfig, progress: bool = True)
 
 def make_engine(cfg: DataConfig, tokenizer, tokenizer_dir: str, ids):
     if cfg.engine == "ray":
-        from .ray_engine import RayEngine
+        from data_prep.engines.ray_data import RayEngine
 
         return RayEngine(cfg, tokenizer, tokenizer_dir, ids)
-    from .local_engine import LocalEngine
+    from data_prep.engines.local import LocalEngine
 
     return LocalEngine(cfg, tokenizer, tokenizer_dir, ids)
 
@@ -128,7 +128,7 @@ def collect(stream, cfg: DataConfig, bar: Progress) -> pa.Table:
         tables.append(table)
         bar.update(int(pc.sum(pc.equal(table["window"], 0)).as_py() or 0), _piece_tokens(table))
     if not tables:
-        from .items import PIECE_SCHEMA
+        from data_prep.items import PIECE_SCHEMA
 
         return PIECE_SCHEMA.empty_table()
     return pa.concat_tables(tables)

@@ -15,18 +15,22 @@ from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
-
 import pyarrow as pa
 
-from .adapters import (WHOLE_FILE_FORMATS, detect_format_from_line, parse_jsonl, personachat_dialogue,
-                       personachat_records)
-from .config import DataConfig
-from .items import PieceBuilder, pieces_from_columns
-from .schema import DataError
-from .sources import canonical_path, display_name, read_bytes, read_text, scan
-from .tokenize import dialogue_texts, split_into_windows
-from .tokenizer import SpecialIds
-from .windows import layout_columns, plan_windows
+from data_prep.adapters import (
+    WHOLE_FILE_FORMATS,
+    detect_format_from_line,
+    parse_jsonl,
+    personachat_dialogue,
+    personachat_records,
+)
+from data_prep.config import DataConfig
+from data_prep.items import PieceBuilder, pieces_from_columns
+from data_prep.layout import dialogue_texts, split_into_windows
+from data_prep.schema import DataError
+from data_prep.sources import canonical_path, display_name, read_bytes, read_text, scan
+from data_prep.tokenizer_loading import SpecialIds
+from data_prep.windows import layout_columns, plan_windows
 
 
 @dataclass

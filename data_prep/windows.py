@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .tokenize import IGNORE
-from .tokenizer import SpecialIds
+from data_prep.layout import IGNORE
+from data_prep.tokenizer_loading import SpecialIds
 
 
 def plan_windows(lengths: list[int], seq_len: int) -> list[tuple[int, int]] | int:

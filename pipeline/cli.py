@@ -27,7 +27,7 @@ def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 
 def cmd_prep(args) -> int:
     from data_prep.prep import prepare
-    from .config import load_config
+    from pipeline.config import load_config
 
     args.inputs, overrides = _split_overrides(args.inputs)
     overrides += args.overrides
@@ -48,8 +48,8 @@ def cmd_prep(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .launch import launch_training
+    from pipeline.config import load_config
+    from pipeline.training.launch import launch_training
 
     overrides = list(args.overrides) + ([f"train.stage={args.stage}"] if args.stage else [])
     cfg = load_config(args.config, overrides)
@@ -61,7 +61,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_checkpoint
+    from pipeline.modeling.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint_dir, args.out, tag=args.tag)
     print(f"export: Hugging Face model -> {out}")
@@ -69,8 +69,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .chat import run_chat
-    from .config import load_config
+    from pipeline.config import load_config
+    from pipeline.inference.chat import run_chat
 
     overrides = list(args.overrides)
     if args.cache:
@@ -87,7 +87,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_bench_attention(args) -> int:
-    from .bench_attention import bench_attention
+    from pipeline.bench.attention import bench_attention
 
     result = bench_attention(args.out, seq_lens=tuple(args.seq_lens), heads=args.heads, head_dim=args.head_dim,
                              repeats=args.repeats, chunk=args.chunk, threads=args.threads, layout=args.layout)
@@ -100,7 +100,7 @@ def cmd_bench_attention(args) -> int:
 
 
 def cmd_bench_prep(args) -> int:
-    from .bench_prep import bench_prep
+    from pipeline.bench.prep import bench_prep
 
     r = bench_prep(args.out, workers=args.workers)
     for name, e in r["engines"].items():
@@ -113,7 +113,7 @@ def cmd_bench_prep(args) -> int:
 
 
 def cmd_bench_inference(args) -> int:
-    from .bench_inference import bench_inference
+    from pipeline.bench.inference import bench_inference
 
     r = bench_inference(args.model, args.out, utterances=tuple(args.utterances), window=args.window,
                         time_budget_s=args.time_budget, decode_tokens=args.decode_tokens, repeats=args.repeats,
@@ -137,7 +137,7 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--heads", type=int, default=2, help="attention heads")
     s.add_argument("--head-dim", type=int, default=32, help="head dimension")
     s.add_argument("--repeats", type=int, default=3, help="timed repeats (the minimum is reported)")
-    s.add_argument("--chunk", type=int, help="sink attention query chunk (default: pipeline.sink_attention.CHUNK)")
+    s.add_argument("--chunk", type=int, help="sink attention query chunk (default: pipeline.attention.sink_kernel.CHUNK)")
     s.add_argument("--threads", type=int, help="torch threads per measurement (default: torch's; 1 is steadier on a shared CPU)")
     s.add_argument("--layout", choices=["conversation", "packed"], default="conversation",
                    help="conversation = one MSC-shaped conversation of T tokens; packed = real MSC episodes packed into T (as in training)")
@@ -164,7 +164,7 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_model, score_files
+    from pipeline.evaluation.report import evaluate_model, score_files
 
     if args.predictions:
         if not args.references:
@@ -174,7 +174,7 @@ def cmd_eval(args) -> int:
     else:
         if not args.model or not args.data:
             raise ValueError("give --model DIR --data INPUT..., or --predictions FILE --references INPUT...")
-        from .config import load_config
+        from pipeline.config import load_config
 
         cfg = load_config(args.config, list(args.overrides))
         r = evaluate_model(args.model, args.data, args.out, cache=args.cache, mask=args.mask, limit=args.limit,
@@ -190,7 +190,7 @@ def cmd_eval(args) -> int:
 
 def cmd_tokenizer(args) -> int:
     from data_prep.sources import resolve_inputs
-    from data_prep.tokenizer import train_bpe_tokenizer
+    from data_prep.tokenizer_loading import train_bpe_tokenizer
 
     paths = resolve_inputs(list(args.inputs))
     out = train_bpe_tokenizer(paths, args.out, vocab_size=args.vocab_size, fmt=args.format)
@@ -199,8 +199,8 @@ def cmd_tokenizer(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .config import load_config
-    from .run import run_recipe
+    from pipeline.config import load_config
+    from pipeline.training.two_stage import run_recipe
 
     cfg = load_config(args.config, list(args.overrides))
     run_recipe(cfg)
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convsink {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from .launch import TrainingFailed
+        from pipeline.training.launch import TrainingFailed
 
         if not isinstance(e, TrainingFailed):
             raise

@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.cli import _OVERRIDE, USER_ERRORS
     from pipeline.config import load_config
-    from pipeline.launch import TrainingFailed
-    from pipeline.ray_train import ray_train
+    from pipeline.training.launch import TrainingFailed
+    from pipeline.training.ray_train import ray_train
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -26,7 +26,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> str:
-    from data_prep.tokenizer import smollm2_tokenizer_dir
+    from data_prep.tokenizer_loading import smollm2_tokenizer_dir
 
     return smollm2_tokenizer_dir()
 

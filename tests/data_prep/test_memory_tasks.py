@@ -9,7 +9,7 @@ from data_prep.config import DataConfig, LMRConfig, SMRConfig
 from data_prep.memory_tasks import Corpus, build_lmr, build_smr, smr_plan
 from data_prep.prep import prepare
 from data_prep.shards import read_manifest, read_rows
-from data_prep.tokenizer import SpecialIds
+from data_prep.tokenizer_loading import SpecialIds
 
 S, L = 8, 5
 

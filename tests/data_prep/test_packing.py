@@ -12,8 +12,8 @@ import pytest
 from data_prep.items import items_table
 from data_prep.packing import build_row, ffd_bins, pack_first_fit_decreasing_naive
 from data_prep.shards import SCHEMA, pack_table
-from data_prep.tokenize import layout_dialogue
-from data_prep.tokenizer import SpecialIds
+from data_prep.layout import layout_dialogue
+from data_prep.tokenizer_loading import SpecialIds
 
 IDS = SpecialIds(bos=1, eou=2, pad=0)
 

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.repo import REPO
 
 
 @pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))))
@@ -24,7 +24,7 @@ def test_every_recipe_validates(recipe, monkeypatch):
     # the DeepSpeed config the trainer would hand to deepspeed.initialize passes DeepSpeed's own validation
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from pipeline.train import deepspeed_config
+    from pipeline.training.loop import deepspeed_config
 
     monkeypatch.chdir(REPO)  # ds_config paths are relative to the repository root, as in the recipes
     ds = DeepSpeedConfig(deepspeed_config(cfg, 1, bf16=True))

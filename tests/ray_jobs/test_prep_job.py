@@ -14,7 +14,7 @@ import pytest
 from .ray_cluster import LocalRayCluster
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.repo import REPO
 ARGS = ["data.seq_len=1024", "data.max_dialogues=150", "data.smr.samples=10", "data.lmr.samples=10"]
 
 

@@ -21,7 +21,7 @@ import torch
 from .ray_cluster import LocalRayCluster, free_port
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.repo import REPO
 TINY = """\
 data: {seq_len: 128}
 model: {max_position_embeddings: 512, hidden_size: 32, intermediate_size: 64, attention: dense}
@@ -105,10 +105,10 @@ def _listing(folder: str) -> dict[str, int]:
 def test_ray_job_submit_trains_two_workers_and_exports(job_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.checkpoint import checkpoint_root, latest_tag
-    from pipeline.export import export_checkpoint
-    from pipeline.tracking import find_offline_runs, read_offline_run
-    from pipeline.zero_checkpoint import consolidate_zero3
+    from pipeline.training.checkpoint import checkpoint_root, latest_tag
+    from pipeline.modeling.export import export_checkpoint
+    from pipeline.training.tracking import find_offline_runs, read_offline_run
+    from pipeline.modeling.zero3_consolidate import consolidate_zero3
 
     out = str(job_run / "run")
     final = f"step{STEPS:06d}"
@@ -177,8 +177,8 @@ def _stop(pids: set[int]) -> None:
 
 
 def test_killed_worker_restarts_from_newest_ray_checkpoint(job_run, shards, tmp_path):
-    from pipeline.ray_train import read_restores
-    from pipeline.zero_checkpoint import consolidate_zero3
+    from pipeline.training.ray_train import read_restores
+    from pipeline.modeling.zero3_consolidate import consolidate_zero3
 
     steps = STEPS
     recipe = _recipe(tmp_path, steps, SAVE_EVERY)
@@ -266,8 +266,8 @@ def _fake_checkpoint(folder, step: int, payload: bytes = b"x") -> str:
 def test_restore_checkpoint_copies_skips_or_keeps(tmp_path):
     from ray.train import Checkpoint
 
-    from pipeline.checkpoint import checkpoint_root, latest_tag
-    from pipeline.ray_train import _stage_own_files, restore_checkpoint
+    from pipeline.training.checkpoint import checkpoint_root, latest_tag
+    from pipeline.training.ray_train import _stage_own_files, restore_checkpoint
 
     out = str(tmp_path / "out")
     root = checkpoint_root(out)

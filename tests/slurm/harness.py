@@ -9,7 +9,7 @@ import time
 
 from .slurm_cluster import free_port
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.repo import REPO
 
 
 def job_env(**kw) -> dict:

@@ -1,0 +1,278 @@
+"""``convsink bench attention``: sink attention vs dense-mask SDPA vs plain causal SDPA, forward + backward, on
+conversations shaped like Multi-Session Chat (real utterance lengths).
+
+Ratios are measured side by side in one run (the methods alternate at each length); absolute times on a shared CPU
+are noisy. Every method × length runs in its own subprocess, so its peak memory (max RSS) is its own; the JSON also
+gives the timed work's own peak (the peak RSS is reset just before it, Linux VmHWM) minus the RSS at that point
+(inputs already allocated): the memory the method itself needs, which the process-wide peak of the imports hides
+at small T.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from data_prep.paths import REPO_ROOT, shared_data_dir
+
+DEFAULT_SEQ_LENS = (2048, 4096, 8192, 16384)
+METHODS = ("sink", "dense_mask", "causal")
+
+
+def msc_episode_lengths(data_dir: str | None = None, limit: int = 4000, tokenizer: str = "smollm2") -> list[list[int]]:
+    """Token lengths of real MSC utterances, one list per episode (``msc/*.jsonl``; per episode the previous
+    sessions' then the current session's ``dialog[].text``, in file and turn order), at most ``limit`` utterances,
+    tokenized without special tokens by ``data_prep.tokenizer_loading.load_tokenizer(tokenizer)``."""
+    from data_prep.tokenizer_loading import load_tokenizer
+
+    folder = os.path.join(data_dir or shared_data_dir(), "msc")
+    episodes: list[list[str]] = []
+    total = 0
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".jsonl"):
+            continue
+        with open(os.path.join(folder, name)) as f:
+            for line in f:
+                if line.strip() and total < limit:  # one MSC episode: all sessions, oldest first (as data_prep reads it)
+                    rec = json.loads(line)
+                    texts = [t["text"] for session in [p.get("dialog", []) for p in rec.get("previous_dialogs") or []]
+                             + [rec.get("dialog", [])] for t in session][:limit - total]
+                    if texts:
+                        episodes.append(texts)
+                        total += len(texts)
+    if not episodes:
+        raise FileNotFoundError(f"{folder}: no MSC utterances found")
+    tok = load_tokenizer(tokenizer)
+    return [[max(1, len(ids)) for ids in tok(texts, add_special_tokens=False)["input_ids"]] for texts in episodes]
+
+
+def msc_utterance_lengths(data_dir: str | None = None, limit: int = 4000, tokenizer: str = "smollm2") -> list[int]:
+    """``msc_episode_lengths`` flattened: the utterance lengths in file and turn order."""
+    return [n for ep in msc_episode_lengths(data_dir, limit, tokenizer) for n in ep]
+
+
+def packed_batch(episodes: list[list[int]], T: int, kind: str = "dialogue") -> dict:
+    """MSC episodes packed back to back into exactly T tokens, each ``[BOS] u1 EoU u2 EoU ...`` with its own
+    ``doc_ids`` (the layout training sees after packing); episodes are taken in order (cycled), the last one cut
+    at T. A query then sees at most its own episode's sinks, so the work per token is bounded."""
+    doc, utt, eou = [], [], []
+    e = 0
+    while len(doc) < T:
+        lengths = episodes[e % len(episodes)]
+        doc += [e]
+        utt += [0]
+        eou += [False]
+        for i, n in enumerate(lengths, start=1):
+            doc += [e] * (n + 1)
+            utt += [i] * (n + 1)
+            eou += [False] * n + [True]
+        e += 1
+    ids = torch.tensor([utt[:T]])
+    return {"doc_ids": torch.tensor([doc[:T]]), "utt_ids": ids, "blk": ids.clone(), "eou": torch.tensor([eou[:T]]),
+            "position_ids": _positions(doc[:T])[None], "mask_kind": [kind]}
+
+
+def _positions(doc: list[int]) -> torch.Tensor:
+    """Positions restarting at 0 at every document."""
+    d = torch.tensor(doc)
+    start = torch.zeros_like(d)
+    change = torch.nonzero(d[1:] != d[:-1]).flatten() + 1
+    start[change] = change
+    return torch.arange(len(doc)) - torch.cummax(start, 0).values
+
+
+def conversation_batch(lengths: list[int], T: int, kind: str = "dialogue") -> dict:
+    """One conversation of exactly T tokens, ``[BOS] u1 EoU u2 EoU ...``, utterance lengths taken in order from
+    ``lengths`` (cycled); the metadata of a batch of one row."""
+    utt, eou = [0], [False]
+    i = 0
+    while len(utt) < T:
+        n = lengths[i % len(lengths)]
+        i += 1
+        utt += [i] * (n + 1)
+        eou += [False] * n + [True]
+    ids = torch.tensor([utt[:T]])
+    return {"doc_ids": torch.zeros(1, T, dtype=torch.long), "utt_ids": ids, "blk": ids.clone(),
+            "eou": torch.tensor([eou[:T]]), "position_ids": torch.arange(T)[None], "mask_kind": [kind]}
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux: VmHWM, via /proc/self/clear_refs), so the peak that follows is the
+    timed work's own, not the import-time high-water mark. False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_gb() -> float:
+    """VmHWM (peak RSS since the last reset) in GiB; ru_maxrss where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # KiB → GiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def measure(method: str, T: int, heads: int, head_dim: int, episodes: list[list[int]], repeats: int,
+            chunk: int | None = None, threads: int | None = None, layout: str = "conversation") -> dict:
+    """Forward + backward seconds (min over ``repeats``) of one method on one conversation of T tokens. The
+    sink method's time includes building its per-batch plan (done once per batch, shared by all layers)."""
+    import torch.nn.functional as F
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    from pipeline.attention.masks import dense_mask
+    from pipeline.attention.registry import DenseMaskAttention
+    from pipeline.attention.sink_kernel import CHUNK, SinkAttention
+
+    torch.manual_seed(0)
+    if layout == "packed":
+        batch = packed_batch(episodes, T)
+    else:
+        batch = conversation_batch([n for ep in episodes for n in ep], T)
+    q, k, v = (torch.randn(1, heads, T, head_dim, requires_grad=True) for _ in range(3))  # (B, H, T, D)
+    grad = torch.randn(1, heads, T, head_dim)
+    scale = head_dim ** -0.5
+    base_rss = _rss_gb()
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # imports included
+    reset = _reset_peak_rss()
+    times, plan_times, extra = [], [], {}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if method == "sink":
+            attn = SinkAttention(batch, chunk=chunk or CHUNK)
+            plan_times.append(time.perf_counter() - t0)
+            extra["key_fraction_computed"] = attn.keys_computed / attn.keys_dense
+            extra["mask_fraction"] = sum(int(m.sum()) for plan in attn.plans for *_, m in plan) / (T * T)  # allowed pairs
+            out = attn(q, k, v, scale)
+        elif method == "dense_mask":
+            out = DenseMaskAttention(dense_mask("dialogue", batch))(q, k, v, scale)  # the T×T mask built in the timing
+        elif method == "causal":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        out.backward(grad)
+        times.append(time.perf_counter() - t0)
+        q.grad = k.grad = v.grad = None
+        del out
+    if plan_times:
+        extra["plan_seconds"] = min(plan_times)
+    work_peak = _peak_rss_gb() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = max(process_peak, work_peak)
+    return {"method": method, "T": T, "layout": layout, "seconds": min(times), "all_seconds": times, "peak_rss_gb": peak,
+            "peak_rss_delta_gb": work_peak - base_rss, "peak_reset": reset, **extra}
+
+
+def _run_isolated(args: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.bench.attention", "_measure"], input=json.dumps(args),
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()
+        return {"method": args["method"], "T": args["T"], "error": tail[-1] if tail else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_dim: int = 32, repeats: int = 3,
+                    data_dir: str | None = None, chunk: int | None = None, threads: int | None = None,
+                    methods=METHODS, layout: str = "conversation") -> dict:
+    """Sink attention vs dense-mask SDPA vs plain causal SDPA (``is_causal=True``), forward + backward, fp32, at each
+    length of ``seq_lens``; writes and returns the JSON. ``layout``: ``conversation`` = one MSC-shaped conversation
+    of T tokens (its EoU sinks grow with T: the sink part of the work is about T²/(2·L) pairs for utterances of L
+    tokens); ``packed`` = real MSC episodes packed into T, as training sees them (work per token bounded)."""
+    if layout not in ("conversation", "packed"):
+        raise ValueError(f"layout must be 'conversation' or 'packed', not {layout!r}")
+    from pipeline.attention.sink_kernel import CHUNK
+
+    episodes = msc_episode_lengths(data_dir)
+    lengths = [n for ep in episodes for n in ep]
+    load_at_start = os.getloadavg()[0]
+    rows = []
+    for T in seq_lens:
+        for method in methods:
+            rows.append(_run_isolated({"method": method, "T": T, "heads": heads, "head_dim": head_dim,
+                                       "episodes": episodes, "repeats": repeats, "chunk": chunk,
+                                       "threads": threads, "layout": layout}))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "all_seconds"}), flush=True)
+    summary, scaling = summarize(rows, seq_lens)
+    mean_len = sum(lengths) / len(lengths)
+    result = {"setting": {"heads": heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "repeats": repeats,
+                          "timing": "forward + backward, min over repeats; sink includes building its plan",
+                          "mask": "dialogue", "chunk": chunk or CHUNK, "layout": layout,
+                          "episodes_sampled": len(episodes),
+                          "mean_episode_tokens": sum(sum(ep) + len(ep) + 1 for ep in episodes) / len(episodes),
+                          "utterance_lengths": "real MSC utterances (msc/*.jsonl, all sessions of each episode oldest first, SmolLM2 tokenizer, "
+                                               "no special tokens), utterances in file order",
+                          "utterances_sampled": len(lengths), "mean_utterance_tokens": mean_len,
+                          "torch_threads": threads or torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": "cpu",
+                          "load_average_at_start": load_at_start,
+                          "torch": torch.__version__},
+              "rows": rows, "summary": summary, "scaling": scaling}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def summarize(rows: list[dict], seq_lens) -> tuple[list[dict], dict]:
+    """Per length: times, speedups, computed fraction, time per computed (query, key) pair, peak memory; and the
+    growth exponent of each method's time between consecutive lengths (1 = linear, 2 = quadratic)."""
+    import math
+
+    by = {(r["method"], r["T"]): r for r in rows}
+    summary = []
+    for T in seq_lens:
+        s, d, c = (by.get((m, T), {}) for m in METHODS)
+        if not all("seconds" in r for r in (s, d, c)):
+            continue
+        frac = s.get("key_fraction_computed")
+        summary.append({"T": T, "sink_s": s["seconds"], "dense_mask_s": d["seconds"], "causal_s": c["seconds"],
+                        "sink_plan_s": s.get("plan_seconds"),
+                        "speedup_vs_dense_mask": d["seconds"] / s["seconds"], "speedup_vs_causal": c["seconds"] / s["seconds"],
+                        "sink_us_per_token": 1e6 * s["seconds"] / T, "key_fraction_computed": frac,
+                        "mask_fraction": s.get("mask_fraction"),
+                        "sink_ns_per_computed_pair": 1e9 * s["seconds"] / (frac * T * T) if frac else None,
+                        "sink_peak_rss_gb": s["peak_rss_gb"], "dense_mask_peak_rss_gb": d["peak_rss_gb"],
+                        "causal_peak_rss_gb": c["peak_rss_gb"], "sink_peak_rss_delta_gb": s["peak_rss_delta_gb"],
+                        "dense_mask_peak_rss_delta_gb": d["peak_rss_delta_gb"], "causal_peak_rss_delta_gb": c["peak_rss_delta_gb"]})
+    scaling = {}
+    for a, b in zip(summary, summary[1:]):
+        r = math.log(b["T"] / a["T"])
+        scaling[f"{a['T']}->{b['T']}"] = {m: math.log(b[f"{m}_s"] / a[f"{m}_s"]) / r for m in METHODS}
+    return summary, scaling
+
+
+def format_summary(result: dict) -> str:
+    """A Markdown table of the summary (for the README)."""
+    lines = ["| T | sink (s) | dense-mask SDPA (s) | causal SDPA (s) | vs dense-mask | vs causal | pairs computed "
+             "(mask allows) | peak RSS sink / dense-mask / causal (GB) | work's own peak sink / dense-mask / causal (MB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["summary"]:
+        lines.append(f"| {r['T']} | {r['sink_s']:.3f} | {r['dense_mask_s']:.3f} | {r['causal_s']:.3f} | "
+                     f"{r['speedup_vs_dense_mask']:.1f}x | {r['speedup_vs_causal']:.1f}x | {r['key_fraction_computed']:.2%} "
+                     f"({r['mask_fraction']:.2%}) | "
+                     f"{r['sink_peak_rss_gb']:.2f} / {r['dense_mask_peak_rss_gb']:.2f} / {r['causal_peak_rss_gb']:.2f} | "
+                     f"{1024 * r['sink_peak_rss_delta_gb']:.0f} / {1024 * r['dense_mask_peak_rss_delta_gb']:.0f} / "
+                     f"{1024 * r['causal_peak_rss_delta_gb']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["_measure"]:
+    print(json.dumps(measure(**json.loads(sys.stdin.read()))))

@@ -1,0 +1,65 @@
+"""How much of an utterance its EoU holds: token accuracy of the SMR copies and LMR recalls of a model.
+
+An SMR copy sees only BOS, its original's EoU and itself (method.md §2), so predicting the copy's tokens is
+possible only through what the EoU stored. ``task_accuracy`` runs an exported model over shard rows of one mask
+kind and counts greedy next-token hits on the supervised positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.modeling.forward import forward_batch
+from pipeline.training.shard_loader import load_shards, targets_from_labels
+
+COLUMNS = ("input_ids", "labels", "position_ids", "doc_ids", "utt_ids", "eou", "blk")
+
+
+def token_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+    """(greedy hits, supervised positions) of ``(B, T, V)`` logits against aligned ``(B, T)`` targets."""
+    valid = targets != -100
+    return int(((logits.argmax(-1) == targets) & valid).sum()), int(valid.sum())
+
+
+def cut_smr_memory(blk: torch.Tensor) -> torch.Tensor:
+    """The control: ``blk`` with every original block moved out of reach (odd blocks + 2·10⁶, parity kept), so
+    under the SMR mask a copy sees only BOS and itself, not its original's EoU; originals still see themselves."""
+    original = (blk > 0) & (blk % 2 == 1)
+    return torch.where(original, blk + 2_000_000, blk)
+
+
+@torch.no_grad()
+def task_accuracy(model_dir: str, data_dir: str, kind: str = "smr", max_rows: int = 32, batch_size: int = 4,
+                  through_eou: bool = True) -> dict:
+    """Greedy token accuracy and mean NLL of an exported model on the first ``max_rows`` rows of ``kind``.
+    ``through_eou=False`` (SMR only) is the control without the memory path (``cut_smr_memory``): the
+    difference between the two is what the EoU carries."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.attention.registry import register
+    from pipeline.training.losses import token_nll
+
+    register()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="convsink").eval()
+    data = load_shards(data_dir, "memory" if kind in ("smr", "lmr") else "dialogue")
+    rows = [i for i, k in enumerate(data.mask_kind) if k == kind][:max_rows]
+    if not rows:
+        raise ValueError(f"{data_dir}: no '{kind}' rows")
+    hits = total = 0
+    nll_sum = 0.0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = {c: torch.from_numpy(data.arrays[c][chunk]).long() for c in COLUMNS}
+        batch["eou"] = batch["eou"].bool()
+        if not through_eou:
+            if kind != "smr":
+                raise ValueError("through_eou=False is the SMR control; it has no meaning for other kinds")
+            batch["blk"] = cut_smr_memory(batch["blk"])
+        batch["mask_kind"] = [kind] * len(chunk)
+        targets = targets_from_labels(batch["labels"])
+        logits = forward_batch(model, batch, ModelConfig(attention="dense"), impl="dense")
+        h, n = token_accuracy(logits, targets)
+        hits, total = hits + h, total + n
+        nll_sum += float(token_nll(logits, targets)[0].sum())
+    return {"kind": kind, "rows": len(rows), "tokens": total, "accuracy": hits / max(total, 1), "nll": nll_sum / max(total, 1)}

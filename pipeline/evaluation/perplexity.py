@@ -1,0 +1,89 @@
+"""Perplexity (method.md §4). A dialogue is laid out ``[BOS] u1 EoU ... un EoU`` (truncated at an utterance
+boundary to ``max_tokens``); its NLL is the mean next-token NLL over the tokens of utterances 2..n, their EoUs
+included (the first utterance only conditions). ``mean_nll`` is the mean of those per-dialogue means (every
+dialogue weighs the same) and ``ppl = exp(mean_nll)``; ``ppl_token_weighted`` (exp of the mean over all scored
+tokens) is reported beside it. ``perplexity`` runs one full forward per dialogue under ``--mask``;
+``perplexity_cache`` teacher-forces the same tokens utterance by utterance through the cache policy (for
+streamingdialogue with absolute positions the two are equal up to float error).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+PPL_PROTOCOL = ("ppl = exp(mean over dialogues of the per-dialogue mean token NLL over utterances 2..n, EoUs "
+                "included); ppl_token_weighted = exp(mean over all scored tokens)")
+
+
+def tokenized(tokenizer, dialogues: list, max_tokens: int) -> list[tuple[str, list[list[int]]]]:
+    """(id, utterance token ids) per dialogue, truncated at an utterance boundary to ``max_tokens`` laid out;
+    dialogues left with fewer than 2 utterances are dropped (nothing to score)."""
+    out = []
+    for d in dialogues:
+        utts = tokenizer([t.text for t in d.turns], add_special_tokens=False)["input_ids"]
+        while utts and 1 + sum(len(u) + 1 for u in utts) > max_tokens:
+            utts = utts[:-1]
+        if len(utts) >= 2:
+            out.append((d.id, utts))
+    return out
+
+
+def scored_nll(logits: torch.Tensor, input_ids: list[int], utt_ids: list[int]) -> tuple[float, int]:
+    """(sum, count) of next-token NLL over the tokens of utterances >= 2; ``logits (T, V)`` at positions 0..T-1."""
+    targets = torch.tensor(input_ids[1:])  # (T-1,)
+    scored = torch.tensor(utt_ids[1:]) >= 2
+    nll = F.cross_entropy(logits[:-1].float().cpu(), targets, reduction="none")
+    return float(nll[scored].sum()), int(scored.sum())
+
+
+def _summary(per_dialogue: list[tuple[float, int]], **extra) -> dict:
+    means = [s / c for s, c in per_dialogue]
+    tokens = sum(c for _, c in per_dialogue)
+    mean = sum(means) / max(len(means), 1)
+    token_mean = sum(s for s, _ in per_dialogue) / max(tokens, 1)
+    return {**extra, "dialogues": len(means), "tokens": tokens, "mean_nll": mean, "ppl": math.exp(mean),
+            "token_weighted_nll": token_mean, "ppl_token_weighted": math.exp(token_mean), "protocol": PPL_PROTOCOL}
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, dialogues: list, ids, mask: str, max_tokens: int = 2048,
+               mask_params: dict | None = None) -> dict:
+    """method.md §4 perplexity, one full forward per dialogue under ``mask`` (dense boolean mask, SDPA)."""
+    from data_prep.layout import layout_dialogue
+    from pipeline.config import MaskConfig, ModelConfig
+    from pipeline.modeling.forward import forward_batch
+
+    params = dict(mask_params or {})
+    params["dialogue_kind"] = "dialogue"  # the mask asked for is the mask used (not the model's training baseline)
+    cfg = ModelConfig(attention="dense", mask=MaskConfig(**params))
+    per_dialogue = []
+    for did, utts in tokenized(tokenizer, dialogues, max_tokens):
+        lay = layout_dialogue(did, utts, ids)
+        T = len(lay)
+        dev = model.device
+        batch = {"input_ids": torch.tensor([lay.input_ids], device=dev), "position_ids": torch.arange(T, device=dev)[None],
+                 "doc_ids": torch.zeros(1, T, dtype=torch.long, device=dev), "utt_ids": torch.tensor([lay.utt_ids], device=dev),
+                 "eou": torch.tensor([lay.eou], device=dev), "blk": torch.tensor([lay.blk], device=dev), "mask_kind": [mask]}
+        logits = forward_batch(model, batch, cfg, impl="dense")[0]  # (T, V)
+        per_dialogue.append(scored_nll(logits, lay.input_ids, lay.utt_ids))
+    return _summary(per_dialogue, mask=mask)
+
+
+@torch.no_grad()
+def cache_perplexity(model, tokenizer, dialogues: list, info: dict, settings, max_tokens: int = 2048) -> dict:
+    """The same perplexity, teacher-forcing each utterance (one forward per utterance) through the cache."""
+    from pipeline.inference.conversation import Conversation
+
+    per_dialogue = []
+    for _, utts in tokenized(tokenizer, dialogues, max_tokens):
+        conv = Conversation.from_settings(model, info, settings)
+        rows, input_ids, utt_ids = [conv.bos_logits[None]], [info["bos_token_id"]], [0]
+        for i, u in enumerate(utts, start=1):
+            rows.append(conv.add_utterance(u))
+            input_ids += list(u) + [info["eou_token_id"]]
+            utt_ids += [i] * (len(u) + 1)
+        per_dialogue.append(scored_nll(torch.cat(rows), input_ids, utt_ids))
+    return _summary(per_dialogue, cache=settings.policy, positions=settings.positions)

@@ -1,0 +1,228 @@
+"""One conversation decoded turn by turn against a policy-pruned KV cache, and several decoded together.
+
+``Conversation`` owns its state (the store, the positions, the utterance index); the policy
+(``pipeline.inference.policies``) decides what the store keeps; the store (``pipeline.inference.kv_store``) holds
+the keys and values.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from pipeline.inference.kv_store import BatchStreamAttention, KVStore, Rope, StreamAttention
+from pipeline.inference.policies import CacheSettings, make_policy
+
+
+class Conversation:
+    """One conversation decoded turn by turn: ``[BOS] u1 EoU u2 EoU ...`` with a policy-pruned KV cache.
+
+    Rotary positions: 'absolute' (new tokens continue the dialogue's numbering, cached keys keep theirs) or the
+    cache frame (a token is rotated at its index in the cache). streamingllm and recompute always use the cache
+    frame; dense is the same in both; streamingdialogue uses ``positions``."""
+
+    def __init__(self, model, bos_id: int, eou_id: int, policy="streamingdialogue", positions: str = "absolute",
+                 sink_tokens: int = 4, window: int = 256):
+        if positions not in ("absolute", "cache"):
+            raise ValueError(f"unknown cache positions {positions!r}; choose absolute or cache")
+        self.model, self.bos_id, self.eou_id = model, bos_id, eou_id
+        self.policy = make_policy(policy, sink_tokens, window) if isinstance(policy, str) else policy
+        name = self.policy.name
+        cache_frame = name in ("streamingllm", "recompute") or (name == "streamingdialogue" and positions == "cache")
+        self.positions = "cache" if cache_frame else "absolute"
+        # recompute never evicts inside an utterance, so its keys can stay as the model rotated them
+        raw = cache_frame and name != "recompute"
+        self.store = KVStore(model.config.num_hidden_layers, raw=raw, rope=Rope(_rotary_of(model)) if raw else None)
+        self.attn = StreamAttention(self.store)
+        self.history: list[tuple[int, int, bool, int]] = []  # (token, utt, eou, absolute position)
+        self.next_position = 0
+        self.utt = 0  # index of the current utterance (BOS is 0)
+        self.in_utterance = False
+        self.last_logits: torch.Tensor | None = None
+        self.bos_logits = self._feed([bos_id], eou=[False])[0]
+
+    @classmethod
+    def from_settings(cls, model, info: dict, settings: CacheSettings) -> "Conversation":
+        return cls(model, info["bos_token_id"], info["eou_token_id"], settings.policy, positions=settings.positions,
+                   sink_tokens=settings.sink_tokens, window=settings.window)
+
+    def fork(self) -> "Conversation":
+        """An independent copy sharing the model (the cache tensors are shared until either side changes them)."""
+        new = copy.copy(self)
+        new.store = self.store.copy()
+        new.attn = StreamAttention(new.store)
+        new.history = list(self.history)
+        return new
+
+    def _rope_positions(self, n: int) -> torch.Tensor:
+        if self.positions == "cache":
+            return torch.arange(len(self.store), len(self.store) + n)
+        return torch.arange(self.next_position, self.next_position + n)
+
+    @torch.no_grad()
+    def forward(self, token_ids: list[int], eou: list[bool], utts: list[int], positions: list[int], record: bool = True,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """Run tokens through the model against the cache, then cache them; returns logits ``(n, V)`` (the last
+        ``logits_to_keep`` rows only when it is > 0)."""
+        n = len(token_ids)
+        device = self.model.device
+        absolute = torch.tensor(positions)
+        rope = torch.arange(len(self.store), len(self.store) + n) if self.positions == "cache" else absolute
+        self.attn.begin(rope, device)
+        out = self.model(input_ids=torch.tensor([token_ids], device=device), position_ids=rope[None].to(device),
+                         convsink_attn=self.attn, use_cache=False, logits_to_keep=logits_to_keep)
+        self.store.commit(absolute, torch.tensor(utts), torch.tensor(eou), rope_pos=rope)
+        if record:
+            self.history += list(zip(token_ids, utts, eou, positions))
+        self.policy.after_forward(self)
+        return out.logits[0]
+
+    def _feed(self, token_ids: list[int], eou: list[bool], logits_to_keep: int = 0) -> torch.Tensor:
+        """New tokens of the current utterance, at the next absolute positions."""
+        n = len(token_ids)
+        positions = list(range(self.next_position, self.next_position + n))
+        self.next_position += n
+        return self.forward(token_ids, eou, [self.utt] * n, positions, logits_to_keep=logits_to_keep)
+
+    def start_utterance(self) -> None:
+        self.utt += 1
+        self.policy.before_utterance(self, self.utt)
+        self.in_utterance = True
+
+    def add_utterance(self, token_ids: list[int], all_logits: bool = True) -> torch.Tensor:
+        """Teacher-force a whole utterance and its EoU in one forward; returns the logits at each of its positions
+        ``(n + 1, V)`` (only the EoU's ``(1, V)`` with ``all_logits=False``): the last row predicts the next
+        utterance's first token."""
+        if self.in_utterance:
+            raise RuntimeError("add_utterance inside an unfinished utterance: end it with the EoU token first")
+        self.start_utterance()
+        logits = self._feed(list(token_ids) + [self.eou_id], eou=[False] * len(token_ids) + [True],
+                            logits_to_keep=0 if all_logits else 1)
+        self.in_utterance = False
+        self.last_logits = logits[-1]
+        return logits
+
+    def record_utterance(self, token_ids: list[int]) -> None:
+        """Append an utterance to the history without running the model: exact for ``recompute``, whose state at
+        the next utterance is rebuilt from the history alone (used to fast-forward benchmarks)."""
+        if self.policy.name != "recompute":
+            raise ValueError("record_utterance is only exact for the recompute policy")
+        self.utt += 1
+        n = len(token_ids) + 1
+        self.history += list(zip(list(token_ids) + [self.eou_id], [self.utt] * n, [False] * (n - 1) + [True],
+                                 range(self.next_position, self.next_position + n)))
+        self.next_position += n
+        self.last_logits = None
+
+    def feed_token(self, token_id: int) -> torch.Tensor:
+        """Feed one token of the current utterance (an EoU ends it); returns its logits ``(V,)``."""
+        if not self.in_utterance:
+            self.start_utterance()
+        is_eou = token_id == self.eou_id
+        logits = self._feed([token_id], eou=[is_eou])[0]
+        if is_eou:
+            self.in_utterance = False
+            self.last_logits = logits
+        return logits
+
+    def generate(self, last_logits: torch.Tensor | None = None, max_new_tokens: int = 48, temperature: float = 0.0,
+                 top_k: int = 0, generator: torch.Generator | None = None, on_token=None,
+                 min_new_tokens: int = 0) -> list[int]:
+        """Generate the next utterance from the logits that end the previous one (default: ``last_logits``);
+        stops at EoU or after ``max_new_tokens`` and always closes the utterance with EoU (fed to the cache).
+        ``on_token(ids_so_far)`` is called after every token; EoU is not sampled before ``min_new_tokens``."""
+        logits = self.last_logits if last_logits is None else last_logits
+        if logits is None:
+            raise ValueError("no logits to continue from: add an utterance first")
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            if len(out) < min_new_tokens:
+                logits = logits.clone()
+                logits[self.eou_id] = float("-inf")
+            token = sample(logits, temperature, top_k, generator)
+            if token == self.eou_id:
+                break
+            out.append(token)
+            if on_token is not None:
+                on_token(out)
+            logits = self.feed_token(token)
+        self.feed_token(self.eou_id)
+        return out
+
+    def cache_info(self) -> dict:
+        return {"policy": self.policy.name, "positions": len(self.store), "kv_bytes": self.store.nbytes(),
+                "utterances": self.utt, "conversation_tokens": self.next_position}
+
+
+@torch.no_grad()
+def decode_step(convs: list[Conversation], tokens: list[int]) -> torch.Tensor:
+    """Feed one token to each conversation in one batched forward; returns logits ``(B, V)``. Each conversation
+    keeps its own policy, positions and cache (utterance starts, pruning and re-encoding happen per row)."""
+    model = convs[0].model
+    rope, absolute = [], []
+    for conv in convs:
+        if not conv.in_utterance:
+            conv.start_utterance()
+        rope.append(int(conv._rope_positions(1)[0]))
+        absolute.append(conv.next_position)
+    device = model.device
+    attn = BatchStreamAttention([c.store for c in convs])
+    attn.begin(rope, device)
+    out = model(input_ids=torch.tensor(tokens, device=device)[:, None], position_ids=torch.tensor(rope, device=device)[:, None],
+                convsink_attn=attn, use_cache=False)
+    logits = out.logits[:, -1]
+    for b, (conv, token) in enumerate(zip(convs, tokens)):
+        is_eou = token == conv.eou_id
+        conv.store.commit(torch.tensor([absolute[b]]), torch.tensor([conv.utt]), torch.tensor([is_eou]),
+                          rope_pos=torch.tensor([rope[b]]))
+        conv.history.append((token, conv.utt, is_eou, absolute[b]))
+        conv.next_position += 1
+        conv.policy.after_forward(conv)
+        if is_eou:
+            conv.in_utterance = False
+            conv.last_logits = logits[b]
+    return logits
+
+
+def generate_batch(convs: list[Conversation], last_logits: list[torch.Tensor] | None = None, max_new_tokens: int = 48,
+                   temperature: float = 0.0, top_k: int = 0, generator=None) -> list[list[int]]:
+    """Generate the next utterance of every conversation, decoding them together; each reply ends at its own EoU
+    (or after ``max_new_tokens``, then EoU is appended). Equals ``generate`` on each conversation alone."""
+    logits = [c.last_logits for c in convs] if last_logits is None else list(last_logits)
+    replies: list[list[int]] = [[] for _ in convs]
+    active = list(range(len(convs)))
+    for _ in range(max_new_tokens):
+        tokens = {b: sample(logits[b], temperature, top_k, generator) for b in active}
+        finished = [b for b in active if tokens[b] == convs[b].eou_id]
+        active = [b for b in active if b not in finished]
+        if finished:  # close those utterances with their EoU
+            decode_step([convs[b] for b in finished], [convs[b].eou_id for b in finished])
+        if not active:
+            return replies
+        for b in active:
+            replies[b].append(tokens[b])
+        for b, lg in zip(active, decode_step([convs[b] for b in active], [tokens[b] for b in active])):
+            logits[b] = lg
+    if active:
+        decode_step([convs[b] for b in active], [convs[b].eou_id for b in active])
+    return replies
+
+
+def _rotary_of(model):
+    """The model's rotary embedding module (Llama family: ``model.model.rotary_emb``)."""
+    for name, module in model.named_modules():
+        if name.endswith("rotary_emb"):
+            return module
+    return None
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int = 0, generator: torch.Generator | None = None) -> int:
+    """Greedy at ``temperature <= 0``; otherwise sample (optionally from the ``top_k`` most likely) with ``generator``."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float().cpu() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))

@@ -1,0 +1,131 @@
+"""Cache policies: what a conversation's KV cache keeps, and when it drops the rest (method.md §3).
+
+- ``dense``: keep everything (causal attention over the whole conversation).
+- ``streamingllm``: the first ``sink_tokens`` tokens + the last ``window`` tokens, enforced after every forward (a
+  chunk fed in one forward, e.g. a teacher-forced utterance, sees the held tokens plus itself). Keys are cached
+  BEFORE the rotary embedding and rotated at their index inside the cache at every forward (StreamingLLM), so
+  positions stay bounded and a key is never re-rotated from an already-rotated (rounded) value.
+- ``streamingdialogue``: BOS + the EoU of every finished utterance + the previous and the current utterance; the
+  tokens of utterance t-2 go when utterance t starts. After T finished utterances (before the next starts) it holds
+  ``1 + T + (non-EoU tokens of the last two utterances)`` positions.
+  ``positions='absolute'`` (default): cached keys keep their original rotary positions and new tokens continue the
+  dialogue's absolute numbering, which reproduces the training-time dialogue mask exactly.
+  ``positions='cache'``: StreamingLLM-style re-indexing inside the cache (pre-RoPE keys, bounded positions).
+- ``recompute``: at every utterance start the cache is dropped and the last ``window`` tokens of the conversation
+  are re-encoded from scratch (dense attention, positions 0..w-1), then the utterance continues on top of them: the
+  "dense attention with recomputation" baseline of the paper's 4x / 18x claim.
+
+Shapes: cached keys/values per layer ``(1, Hkv, S, D)``; metadata per cached position ``(S,)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from pipeline.inference.conversation import Conversation
+
+POLICIES = ("dense", "streamingllm", "streamingdialogue", "recompute")
+
+
+class DensePolicy:
+    """Keep everything."""
+
+    name = "dense"
+
+    def before_utterance(self, conv: "Conversation", utt: int) -> None:
+        pass
+
+    def after_forward(self, conv: "Conversation") -> None:
+        pass
+
+
+class StreamingDialoguePolicy(DensePolicy):
+    """When utterance ``utt`` starts: keep BOS (utt 0), every EoU, and the tokens of utterance ``utt - 1``."""
+
+    name = "streamingdialogue"
+
+    def before_utterance(self, conv, utt: int) -> None:
+        st = conv.store
+        if len(st):
+            st.keep((st.utt == 0) | st.eou | (st.utt >= utt - 1))
+
+
+class StreamingLLMPolicy(DensePolicy):
+    """After every forward: keep the first ``sink_tokens`` and the last ``window`` cached tokens."""
+
+    name = "streamingllm"
+
+    def __init__(self, sink_tokens: int = 4, window: int = 256):
+        self.sink_tokens, self.window = sink_tokens, window
+
+    def after_forward(self, conv) -> None:
+        n = len(conv.store)
+        if n > self.sink_tokens + self.window:
+            idx = torch.arange(n)
+            conv.store.keep((idx < self.sink_tokens) | (idx >= n - self.window))
+
+
+class RecomputePolicy(DensePolicy):
+    """When an utterance starts: drop the cache and re-encode the last ``window`` tokens of the conversation."""
+
+    name = "recompute"
+
+    def __init__(self, window: int = 256):
+        self.window = window
+
+    def before_utterance(self, conv, utt: int) -> None:
+        conv.store.clear()
+        history = conv.history[-self.window:]
+        if history:
+            tokens, utts, eous, positions = zip(*history)
+            conv.forward(list(tokens), list(eous), utts=list(utts), positions=list(positions), record=False,
+                         logits_to_keep=1)  # the re-encoding needs no logits
+
+
+def make_policy(name: str, sink_tokens: int = 4, window: int = 256):
+    if name == "dense":
+        return DensePolicy()
+    if name == "streamingdialogue":
+        return StreamingDialoguePolicy()
+    if name == "streamingllm":
+        return StreamingLLMPolicy(sink_tokens, window)
+    if name == "recompute":
+        return RecomputePolicy(window)
+    raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What a conversation's cache does: the ``cache`` section of convsink.json, or ``chat:`` of a recipe."""
+
+    policy: str = "streamingdialogue"
+    positions: str = "absolute"
+    sink_tokens: int = 4
+    window: int = 256
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.positions not in ("absolute", "cache"):
+            raise ValueError(f"unknown cache positions {self.positions!r}; choose absolute or cache")
+
+    @classmethod
+    def resolve(cls, chat_cfg=None, info: dict | None = None, policy: str | None = None) -> "CacheSettings":
+        """Precedence: ``policy`` argument > fields set explicitly in ``chat_cfg`` (recipe / overrides) > the model's
+        convsink.json ``cache`` section > ``chat_cfg`` defaults."""
+        exported = dict((info or {}).get("cache") or {})
+        values = {}
+        for name, cfg_name in (("policy", "cache"), ("positions", "positions"), ("sink_tokens", "sink_tokens"),
+                               ("window", "window")):
+            explicit = chat_cfg is not None and cfg_name in chat_cfg.model_fields_set
+            if explicit or name not in exported:
+                values[name] = getattr(chat_cfg, cfg_name) if chat_cfg is not None else getattr(cls(), name)
+            else:
+                values[name] = exported[name]
+        if policy is not None:
+            values["policy"] = policy
+        return cls(**values)

@@ -1,0 +1,138 @@
+"""Start the per-rank training processes (torchrun or the deepspeed launcher) for ``convsink train``.
+
+Everything a user can get wrong is checked here, before any process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from data_prep.shards import read_manifest
+from pipeline.config import RunConfig, dump_config
+from pipeline.training import checkpoint
+
+
+class TrainingFailed(RuntimeError):
+    """A rank exited non-zero; its traceback was printed above."""
+
+
+def check_run_dir(out_dir: str, resume: bool) -> None:
+    root = checkpoint.checkpoint_root(out_dir)
+    tag = checkpoint.latest_tag(root)
+    if resume and tag is None:
+        raise ValueError(f"{out_dir}: no complete checkpoint to resume from (no {root}/latest naming a finished save)")
+    if not resume and tag is not None:
+        raise FileExistsError(f"{out_dir}: already holds checkpoint {tag}; pass --resume to continue it or choose a new --out")
+
+
+def prepare_run_dir(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool) -> str:
+    """Check everything a user can get wrong, then write OUT/config.json (resolved recipe, no secrets),
+    OUT/data.json (tokenizer ids, fingerprint) and OUT/tokenizer/. Returns the config path."""
+    manifest = read_manifest(data_dir)
+    if manifest["seq_len"] > cfg.model.max_position_embeddings and cfg.model.path is None:
+        raise ValueError(f"{data_dir}: shards have seq_len {manifest['seq_len']} > model.max_position_embeddings")
+    check_run_dir(out_dir, resume)
+    check_stage_rows(data_dir, manifest, "", cfg.train.stage)
+    check_sequence_parallel(cfg, manifest["seq_len"])
+    if cfg.train.init_from and not os.path.isfile(os.path.join(cfg.train.init_from, "config.json")):
+        raise FileNotFoundError(f"{cfg.train.init_from}: train.init_from is not a model folder (no config.json)")
+    if cfg.train.eval_every:
+        check_eval_data(cfg, manifest)
+    if not os.path.isdir(os.path.join(data_dir, "tokenizer")):
+        raise FileNotFoundError(f"{data_dir}: no tokenizer/ folder (re-run `convsink prep`)")
+    os.makedirs(out_dir, exist_ok=True)
+    cfg_path = os.path.join(out_dir, "config.json")
+    with open(cfg_path, "w") as f:
+        json.dump(dump_config(cfg), f, indent=2)
+    with open(os.path.join(out_dir, "data.json"), "w") as f:
+        json.dump({"data_dir": os.path.abspath(data_dir), "fingerprint": manifest.get("fingerprint"),
+                   "seq_len": manifest["seq_len"], "tokenizer": manifest["tokenizer"]}, f, indent=2)
+    shutil.rmtree(os.path.join(out_dir, "tokenizer"), ignore_errors=True)
+    shutil.copytree(os.path.join(data_dir, "tokenizer"), os.path.join(out_dir, "tokenizer"))
+    return cfg_path
+
+
+def check_sequence_parallel(cfg: RunConfig, seq_len: int) -> None:
+    """Ulysses needs seq_len and both head counts divisible by the SP size; for a model folder (model.path or
+    train.init_from) the head counts come from its config.json (random-init models are checked by the recipe)."""
+    from pipeline.attention.ulysses import check_sp_size
+
+    sp = cfg.train.sequence_parallel_size
+    if sp == 1:
+        return
+    if seq_len % sp:
+        raise ValueError(f"train.sequence_parallel_size={sp} does not divide the shards' seq_len={seq_len}")
+    folder = cfg.train.init_from or cfg.model.path
+    if folder is None:
+        return
+    from pipeline.modeling.loader import resolve_model_path
+
+    with open(os.path.join(resolve_model_path(folder), "config.json")) as f:
+        mc = json.load(f)
+    heads = mc["num_attention_heads"]
+    try:
+        check_sp_size(heads, mc.get("num_key_value_heads") or heads, sp)
+    except ValueError as e:
+        raise ValueError(f"{folder}: train.{e}") from None
+
+
+def check_stage_rows(data_dir: str, manifest: dict, what: str, stage: str) -> None:
+    """The shards must hold rows of the stage's mask kinds (memory: smr/lmr; dialogue: dialogue)."""
+    from pipeline.training.shard_loader import STAGE_KINDS
+
+    kinds = set(STAGE_KINDS[stage])
+    have = {k for sh in manifest["shards"] for k in sh.get("mask_kind", [])}
+    if not kinds & have:
+        hint = " (prep with data.smr.samples / data.lmr.samples)" if stage == "memory" else ""
+        raise ValueError(f"{data_dir}: {what}no {'/'.join(sorted(kinds))} rows for the {stage} stage "
+                         f"(it holds: {', '.join(sorted(have)) or 'nothing'}){hint}")
+
+
+def check_eval_data(cfg: RunConfig, manifest: dict) -> None:
+    """train.eval_every needs train.eval_data: shards of the same tokenizer holding this stage's mask kinds."""
+    t = cfg.train
+    if not t.eval_data:
+        raise ValueError("train.eval_every is set but train.eval_data is not (a shard folder from `convsink prep` of held-apart dialogues)")
+    ev = read_manifest(t.eval_data)
+    if ev["tokenizer"] != manifest["tokenizer"]:
+        raise ValueError(f"{t.eval_data}: train.eval_data was tokenized differently from the training shards "
+                         f"(tokenizer {ev['tokenizer']} vs {manifest['tokenizer']})")
+    check_stage_rows(t.eval_data, ev, "train.eval_data: ", t.stage)
+    if ev["seq_len"] > cfg.model.max_position_embeddings and cfg.model.path is None:
+        raise ValueError(f"{t.eval_data}: shards have seq_len {ev['seq_len']} > model.max_position_embeddings")
+
+
+def launch_training(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False) -> dict:
+    """Validate, prepare OUT, run the launcher, and return OUT/result.json."""
+    cfg_path = prepare_run_dir(cfg, data_dir, out_dir, resume)
+    result_path = os.path.join(out_dir, "result.json")
+    if os.path.exists(result_path):
+        os.remove(result_path)
+    rank_args = ["--config-json", cfg_path, "--data", data_dir, "--out", out_dir] + (["--resume"] if resume else [])
+    n = cfg.train.nproc
+    if cfg.train.launcher == "deepspeed":
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", str(_free_port()),
+               "--module", "pipeline.training.loop"] + rank_args
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+               "-m", "pipeline.training.loop"] + rank_args
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0 or not os.path.isfile(result_path):
+        raise TrainingFailed(f"training failed (launcher exit code {rc}); the rank logs above say why")
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

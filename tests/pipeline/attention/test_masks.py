@@ -1,0 +1,245 @@
+"""Every mask kind of method.md §2 against a per-element reference written directly from its definition (loops
+over q and k), on packed rows with several dialogues and padding at the end, including the exact SMR/LMR layouts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pipeline.attention.masks import MASK_BUILDERS, batch_dense_mask, bigbird_random_keys, dense_mask
+
+from tests.pipeline.batches import random_packed_batch
+
+PARAMS = dict(local_window=5, sink_tokens=2, sink_window=4, bigbird_global=2, bigbird_window=3, bigbird_random=2, bigbird_seed=7)
+KINDS = ["causal", "dialogue", "smr", "lmr", "local", "streamingllm", "bigbird"]
+COLUMNS = ("doc_ids", "utt_ids", "eou", "blk", "position_ids")
+
+
+# --- exact memory-task layouts (the batch contract), packed several per row ------------------------------------
+
+def smr_item(lengths: list[int]) -> dict:
+    """``[BOS] (u_j EoU u_j' EoU)`` for j = 1..s: original of pair j has utt 2j-1, its copy 2j; blk = utt."""
+    utt, eou = [0], [False]
+    for j, n in enumerate(lengths, start=1):
+        for u in (2 * j - 1, 2 * j):
+            utt += [u] * (n + 1)
+            eou += [False] * n + [True]
+    return {"utt_ids": utt, "eou": eou, "blk": list(utt)}
+
+
+def lmr_item(lengths: list[int], repeat: int) -> dict:
+    """``[BOS]`` + l (query EoU response EoU) pairs + a repeat of pair ``repeat`` (1-based); utt 1, 2, 3, ... per
+    utterance, blk = pair index (the repeated pair is l + 1)."""
+    assert len(lengths) % 2 == 0
+    pairs = [lengths[i:i + 2] for i in range(0, len(lengths), 2)] + [lengths[2 * repeat - 2:2 * repeat]]
+    utt, eou, blk = [0], [False], [0]
+    u = 0
+    for p, (nq, nr) in enumerate(pairs, start=1):
+        for n in (nq, nr):
+            u += 1
+            utt += [u] * (n + 1)
+            eou += [False] * n + [True]
+            blk += [p] * (n + 1)
+    return {"utt_ids": utt, "eou": eou, "blk": blk}
+
+
+def dialogue_item(lengths: list[int]) -> dict:
+    utt, eou = [0], [False]
+    for u, n in enumerate(lengths, start=1):
+        utt += [u] * (n + 1)
+        eou += [False] * n + [True]
+    return {"utt_ids": utt, "eou": eou, "blk": list(utt)}
+
+
+def pack(items_per_row: list[list[dict]], kinds: list[str], T: int) -> dict:
+    """Rows of back-to-back items (doc 0, 1, ...; positions restart per item) and padding (-1) at the end."""
+    B = len(items_per_row)
+    out = {"doc_ids": torch.full((B, T), -1), "utt_ids": torch.full((B, T), -1), "blk": torch.full((B, T), -1),
+           "eou": torch.zeros(B, T, dtype=torch.bool), "position_ids": torch.zeros(B, T, dtype=torch.long)}
+    for b, items in enumerate(items_per_row):
+        t = 0
+        for d, it in enumerate(items):
+            n = len(it["utt_ids"])
+            assert t + n <= T, "items do not fit the row"
+            out["doc_ids"][b, t:t + n] = d
+            out["position_ids"][b, t:t + n] = torch.arange(n)
+            for c in ("utt_ids", "blk", "eou"):
+                out[c][b, t:t + n] = torch.tensor(it[c])
+            t += n
+    out["mask_kind"] = list(kinds)
+    return out
+
+
+def packed_memory_batch(T: int = 160, seed: int = 0) -> dict:
+    """Two rows: SMR samples, LMR samples (several per row, varied lengths, padding at the end)."""
+    rng = random.Random(seed)
+    smr = [smr_item([rng.randint(1, 5) for _ in range(rng.randint(2, 4))]) for _ in range(3)]
+    lmr = [lmr_item([rng.randint(1, 5) for _ in range(2 * l)], rng.randint(1, l)) for l in (3, 2, 2)]
+    return pack([smr, lmr], ["smr", "lmr"], T)
+
+
+def packed_kind_batch(kind: str, T: int, seed: int = 0, B: int = 2) -> dict:
+    """B rows of one kind with its natural layout: SMR/LMR samples for those kinds, dialogues otherwise."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(B):
+        items, used = [], 0
+        while True:
+            if kind == "smr":
+                it = smr_item([rng.randint(1, 6) for _ in range(rng.randint(1, 4))])
+            elif kind == "lmr":
+                l = rng.randint(1, 3)
+                it = lmr_item([rng.randint(1, 6) for _ in range(2 * l)], rng.randint(1, l))
+            else:
+                it = dialogue_item([rng.randint(1, 9) for _ in range(rng.randint(1, 8))])
+            if used + len(it["utt_ids"]) > T - 3:
+                break
+            items.append(it)
+            used += len(it["utt_ids"])
+        rows.append(items)
+    return pack(rows, [kind] * B, T)
+
+
+# --- the reference, per element, from method.md ----------------------------------------------------------------
+
+def reference(kind: str, row: dict, params: dict = PARAMS, rand=None) -> torch.Tensor:
+    doc, utt, eou, blk, pos = (row[c].tolist() for c in COLUMNS)
+    T = len(doc)
+    first = {}
+    for i in range(T):
+        if utt[i] == 0:
+            first.setdefault(doc[i], i)  # the BOS of each dialogue
+    eou_of_block = {(doc[i], blk[i]): i for i in range(T) if eou[i]}
+    m = torch.zeros(T, T, dtype=torch.bool)
+    for q in range(T):
+        for k in range(T):
+            if not (k <= q and doc[k] == doc[q]):
+                continue
+            is_first = k == first.get(doc[q])
+            if kind == "causal":
+                ok = True
+            elif kind == "dialogue":
+                ok = is_first or eou[k] or utt[k] == utt[q] or utt[k] == utt[q] - 1
+            elif kind == "smr":
+                copy_q = blk[q] > 0 and blk[q] % 2 == 0
+                ok = is_first or blk[k] == blk[q] or (copy_q and k == eou_of_block.get((doc[q], blk[q] - 1)))
+            elif kind == "lmr":
+                response_q = utt[q] > 0 and utt[q] % 2 == 0  # query of pair p has utt 2p-1, its response 2p
+                in_its_query = blk[k] == blk[q] and utt[k] == utt[q] - 1
+                ok = is_first or eou[k] or utt[k] == utt[q] or (response_q and in_its_query)
+            elif kind == "local":
+                ok = q - k < params["local_window"]
+            elif kind == "streamingllm":
+                ok = pos[k] < params["sink_tokens"] or q - k < params["sink_window"]
+            elif kind == "bigbird":
+                ok = pos[k] < params["bigbird_global"] or q - k < params["bigbird_window"] or k in rand[q]
+            else:
+                raise AssertionError(kind)
+            m[q, k] = ok
+    return m
+
+
+def check_against_reference(batch: dict, mask: torch.Tensor, kinds: list[str]) -> None:
+    rand = bigbird_random_keys(batch, PARAMS["bigbird_random"], PARAMS["bigbird_seed"])
+    for b, kind in enumerate(kinds):
+        row = {c: batch[c][b] for c in COLUMNS}
+        ref = reference(kind, row, rand=rand[b].tolist())
+        bad = (mask[b] != ref).nonzero()
+        assert bad.numel() == 0, f"{kind} row {b}: differs at (q, k) = {bad[:5].tolist()}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dense_mask_equals_reference_on_random_packed_rows(kind):
+    batch = random_packed_batch(2, 96, [kind, kind], seed=3)
+    assert (batch["doc_ids"][:, -1] == -1).all() and batch["doc_ids"].max() >= 2  # several docs, padding at the end
+    check_against_reference(batch, dense_mask(kind, batch, **PARAMS), [kind, kind])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dense_mask_equals_reference_on_natural_layouts(kind):
+    batch = packed_kind_batch(kind, 90, seed=11)
+    check_against_reference(batch, dense_mask(kind, batch, **PARAMS), [kind, kind])
+
+
+def test_mixed_batch_uses_each_rows_kind():
+    batch = random_packed_batch(len(KINDS), 64, KINDS, seed=5)
+    check_against_reference(batch, batch_dense_mask(batch, **PARAMS), KINDS)
+    memory = packed_memory_batch()
+    check_against_reference(memory, batch_dense_mask(memory, **PARAMS), ["smr", "lmr"])
+
+
+def test_kinds_really_differ():
+    """Guards the reference comparison: a builder silently returning causal would fail here."""
+    batch = random_packed_batch(1, 96, ["dialogue"], seed=3)
+    causal = dense_mask("causal", batch)
+    for kind in KINDS[1:]:
+        assert not torch.equal(dense_mask(kind, batch, **PARAMS), causal), kind
+    assert set(MASK_BUILDERS) == set(KINDS)
+
+
+def test_smr_layout_drawing():
+    # [BOS] a E a' E' b E  (blk 0 1 1 2 2 3 3), the drawing in smr_mask's docstring
+    item = smr_item([1])
+    item = {c: item[c] + v for c, v in (("utt_ids", [3, 3]), ("eou", [False, True]), ("blk", [3, 3]))}
+    m = dense_mask("smr", pack([[item]], ["smr"], 7))[0].int().tolist()
+    assert m == [[1, 0, 0, 0, 0, 0, 0],
+                 [1, 1, 0, 0, 0, 0, 0],
+                 [1, 1, 1, 0, 0, 0, 0],
+                 [1, 0, 1, 1, 0, 0, 0],
+                 [1, 0, 1, 1, 1, 0, 0],
+                 [1, 0, 0, 0, 0, 1, 0],
+                 [1, 0, 0, 0, 0, 1, 1]]
+
+
+def test_lmr_repeated_pair_sees_only_bos_history_eous_and_itself():
+    # [BOS] q1 q1 E r1 E q2 E r2 E | repeat of pair 1: q1' q1' E r1' E
+    row = pack([[lmr_item([2, 1, 1, 1], repeat=1)]], ["lmr"], 15)
+    m = dense_mask("lmr", row)[0]
+    history_eous = {3, 5, 7, 9}
+    for q in (10, 11, 12):  # the repeated query
+        assert set(m[q].nonzero().squeeze(1).tolist()) == {0} | history_eous | set(range(10, q + 1))
+    for q in (13, 14):  # the repeated response also sees its own query
+        assert set(m[q].nonzero().squeeze(1).tolist()) == {0} | history_eous | set(range(10, q + 1))
+    for q in (4, 5):  # a history response sees its query and the EoUs before it
+        assert set(m[q].nonzero().squeeze(1).tolist()) == set(range(0, q + 1))
+    assert set(m[6].nonzero().squeeze(1).tolist()) == {0, 3, 5, 6}  # the next query: BOS, EoUs, itself
+
+
+def test_smr_copy_sees_only_bos_its_original_eou_and_itself():
+    row = pack([[smr_item([2, 1])]], ["smr"], 11)  # [BOS] a a E a' a' E' b E b' E'
+    m = dense_mask("smr", row)[0]
+    for q in (4, 5, 6):
+        assert set(m[q].nonzero().squeeze(1).tolist()) == {0, 3} | set(range(4, q + 1))
+    for q in (9, 10):
+        assert set(m[q].nonzero().squeeze(1).tolist()) == {0, 8} | set(range(9, q + 1))
+    assert set(m[7].nonzero().squeeze(1).tolist()) == {0, 7}  # a new original sees only BOS and itself
+
+
+def test_baselines_count_sinks_from_each_dialogue_start():
+    row = pack([[dialogue_item([3, 3]), dialogue_item([4, 4])]], ["streamingllm"], 24)  # docs at 0 and 9
+    m = dense_mask("streamingllm", row, sink_tokens=2, sink_window=3)[0]
+    assert set(m[18].nonzero().squeeze(1).tolist()) == {9, 10, 16, 17, 18}
+    m = dense_mask("bigbird", row, bigbird_global=1, bigbird_window=2, bigbird_random=0)[0]
+    assert set(m[18].nonzero().squeeze(1).tolist()) == {9, 17, 18}
+    m = dense_mask("local", row, local_window=30)[0]
+    assert set(m[10].nonzero().squeeze(1).tolist()) == {9, 10}  # the window never crosses into another dialogue
+
+
+def test_bigbird_draw_is_seeded_per_row_and_independent_of_neighbours():
+    a = random_packed_batch(2, 64, ["bigbird", "dialogue"], seed=1)
+    b = random_packed_batch(2, 64, ["bigbird", "smr"], seed=1)
+    ra = bigbird_random_keys(a, 3, 5)
+    assert torch.equal(ra, bigbird_random_keys(a, 3, 5))
+    assert not torch.equal(ra, bigbird_random_keys(a, 3, 6))
+    q = torch.arange(64).view(-1, 1)
+    assert ((ra[0] >= 0) & (ra[0] < q) | (ra[0] == -1) & (q == 0)).all()  # earlier keys only
+    assert torch.equal(batch_dense_mask(a, **PARAMS)[0], batch_dense_mask(b, **PARAMS)[0])
+    assert torch.equal(batch_dense_mask(a, **PARAMS)[0], dense_mask("bigbird", a, **PARAMS)[0])
+
+
+def test_unknown_kind_is_an_error():
+    batch = random_packed_batch(1, 16, ["dialogue"])
+    with pytest.raises(ValueError, match="unknown mask kind 'nope'"):
+        dense_mask("nope", batch)

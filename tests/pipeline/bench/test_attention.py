@@ -1,0 +1,67 @@
+"""`convsink bench attention` runs for real (small sizes) and writes what it says."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.repo import REPO
+
+
+def test_bench_attention_writes_json(tmp_path, shared_data):
+    out = tmp_path / "attn.json"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "attention", "--out", str(out), "--seq-lens", "512",
+                           "1024", "--repeats", "1", "--heads", "1", "--head-dim", "8"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert [r["T"] for r in result["summary"]] == [512, 1024]  # above the 128-query chunk
+    for r in result["summary"]:
+        assert r["sink_s"] > 0 and r["dense_mask_s"] > 0 and r["causal_s"] > 0
+        assert 0 < r["key_fraction_computed"] < 1
+    assert result["summary"][1]["key_fraction_computed"] < result["summary"][0]["key_fraction_computed"]
+    assert all(r["peak_reset"] for r in result["rows"])  # the work's own peak, not the import-time high-water mark
+    assert "speedup" in proc.stdout or "x vs dense-mask" in proc.stdout
+
+
+def test_packed_layout_keeps_episodes_apart_and_bounds_the_work(shared_data):
+    """The packed layout: episodes back to back with their own doc ids and positions; the dialogue mask of that
+    layout equals the per-episode masks, and the sink attention computes a fraction of pairs that does not fall
+    with T the way one growing conversation's does (bounded work per token)."""
+    import torch
+
+    from pipeline.bench.attention import msc_episode_lengths, packed_batch
+    from pipeline.attention.masks import dense_mask
+    from pipeline.attention.sink_kernel import SinkAttention
+
+    episodes = msc_episode_lengths(str(shared_data), limit=600)
+    assert len(episodes) > 3 and all(len(ep) > 0 for ep in episodes)
+    b = packed_batch(episodes, 2048)
+    doc, pos = b["doc_ids"][0], b["position_ids"][0]
+    starts = torch.nonzero(torch.cat([torch.tensor([True]), doc[1:] != doc[:-1]])).flatten()
+    assert (pos[starts] == 0).all() and (b["utt_ids"][0][starts] == 0).all()  # each episode opens with its BOS
+    first = int(starts[1])
+    assert first == 1 + sum(episodes[0]) + len(episodes[0])  # BOS + utterances + one EoU each
+    m = dense_mask("dialogue", b)[0]
+    assert not m[first:, :first].any()  # no query sees an earlier episode
+    fractions = []
+    for T in (1024, 4096):
+        attn = SinkAttention(packed_batch(episodes, T))
+        fractions.append(attn.keys_computed / attn.keys_dense * T)  # computed keys per query
+    assert fractions[1] < 1.5 * fractions[0], fractions
+
+
+def test_work_peak_rss_is_reset_before_the_timed_work():
+    import numpy as np
+
+    from pipeline.bench.attention import _peak_rss_gb, _reset_peak_rss, _rss_gb
+
+    big = np.ones(300 * 2**20 // 8)  # a high-water mark of +300 MB ...
+    del big
+    assert _reset_peak_rss()
+    before = _rss_gb()
+    assert _peak_rss_gb() - before < 0.1  # ... forgotten after the reset
+    work = np.ones(100 * 2**20 // 8)
+    assert 0.09 < _peak_rss_gb() - before < 0.2
+    del work

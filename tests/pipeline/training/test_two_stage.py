@@ -1,0 +1,116 @@
+"""`convsink run` end to end on a tiny model: prep (dialogue + SMR + LMR shards) → memory stage → dialogue stage
+from the memory stage's export → export → one chat reply; per-task losses read back from the offline W&B runs.
+
+Then the point of the memory stage: on held-apart utterances (MSC session-3 *test* episodes, never trained on),
+the SMR copy's token accuracy through its original's EoU, against the same model trained on dialogues alone for
+as many steps. A control cuts the copy's view of the EoU (``through_eou=False``): the memory-stage model's gain
+must come from what the EoU holds, and the dialogue-only model must have no such gain.
+
+Set-up that makes the effect learnable on 2 CPU cores in minutes (numbers from a sweep, see the README): a
+2048-token BPE trained on the training files (a 49k vocabulary is most of a tiny model's cost), hidden 128, and
+SMR utterances of at most 12 tokens (``data.smr.max_utterance_tokens``). With any utterance length a random-init
+model of this size does not learn to read the EoU within this budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from data_prep.config import DataConfig
+from data_prep.prep import prepare
+from pipeline.evaluation.memory_probe import task_accuracy
+from pipeline.training.tracking import find_offline_runs, read_offline_run
+
+pytestmark = pytest.mark.slow
+from tests.repo import REPO
+MEMORY_STEPS, DIALOGUE_STEPS = 600, 40
+SMR = {"utterances_per_sample": 8, "max_utterance_tokens": 12}
+
+
+def convsink(*args, timeout=1500):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, WANDB_MODE="offline"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_run_chains_memory_and_dialogue_stages_and_the_eou_learns_its_utterance(tmp_path, shared_data):
+    msc = shared_data / "msc"
+    train_files = [str(msc / "session_2_valid.jsonl"), str(msc / "session_3_valid.jsonl")]
+    tok = str(tmp_path / "bpe")
+    convsink("tokenizer", *train_files, "--out", tok, "--vocab-size", "2048")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+inputs: {json.dumps(train_files)}
+out_dir: {tmp_path / 'run'}
+data: {{tokenizer: {tok}, seq_len: 256, engine: local, smr: {json.dumps(dict(SMR, samples=2400))},
+        lmr: {{samples: 1200, pairs_per_sample: 4}}}}
+model: {{hidden_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 4, intermediate_size: 256, max_position_embeddings: 512}}
+train: {{nproc: 2, micro_batch_size: 4, memory_steps: {MEMORY_STEPS}, max_steps: {DIALOGUE_STEPS}, warmup_steps: 20, lr: 3.0e-3,
+         save_every: 1000, log_every: 10}}
+chat: {{max_new_tokens: 4}}
+""")
+    proc = convsink("run", str(recipe))
+    run = tmp_path / "run"
+    assert "exported model:" in proc.stdout and "W&B run" in proc.stdout
+    for d in ("data", "train-memory", "export-memory", "train", "export"):
+        assert (run / d).is_dir(), d
+
+    memory = read_offline_run(find_offline_runs(str(run / "train-memory"))[0])
+    smr = [r["loss/smr"] for r in memory["history"] if "loss/smr" in r]
+    lmr = [r["loss/lmr"] for r in memory["history"] if "loss/lmr" in r]
+    assert len(smr) == len(lmr) == MEMORY_STEPS // 10, "both tasks in every logged memory-stage step (mixed batches)"
+    assert smr[-1] < smr[0] - 1.0 and lmr[-1] < lmr[0] - 1.0
+    assert memory["config"]["train"]["stage"] == "memory"
+
+    dialogue_cfg = json.loads((run / "train" / "config.json").read_text())
+    assert dialogue_cfg["train"]["stage"] == "dialogue"
+    assert dialogue_cfg["train"]["init_from"] == str(run / "export-memory")
+    dialogue = read_offline_run(find_offline_runs(str(run / "train"))[0])
+    logged = [r for r in dialogue["history"] if "loss" in r]
+    assert len(logged) == DIALOGUE_STEPS // 10
+    assert all("loss/dialogue" in r and "loss/smr" not in r and "loss/lmr" not in r for r in logged)
+
+    # the same model trained on dialogues alone, as many steps as both stages together
+    convsink("train", "--config", str(recipe), "--data", str(run / "data"), "--out", str(tmp_path / "dialogue-only"),
+             f"train.max_steps={MEMORY_STEPS + DIALOGUE_STEPS}", "train.save_every=1000")
+    convsink("export", str(tmp_path / "dialogue-only"), "--out", str(tmp_path / "dialogue-only-export"))
+
+    held = tmp_path / "held-apart"
+    prepare([str(msc / "session_3_test.jsonl")], str(held),
+            DataConfig(tokenizer=tok, seq_len=256, engine="local", max_dialogues=200, seed=7, smr=dict(SMR, samples=48)),
+            progress=False)
+    acc = {}
+    for name, model in (("memory stage", run / "export-memory"), ("memory + dialogue stages", run / "export"),
+                        ("dialogues alone", tmp_path / "dialogue-only-export")):
+        for through in (True, False):
+            acc[name, through] = task_accuracy(str(model), str(held), "smr", max_rows=48, through_eou=through)["accuracy"]
+    lines = [f"SMR copy token accuracy on held-apart utterances ({MEMORY_STEPS} memory + {DIALOGUE_STEPS} dialogue steps "
+             f"vs {MEMORY_STEPS + DIALOGUE_STEPS} dialogue steps):"]
+    lines += [f"  {n:<26} through the EoU {acc[n, True]:.3f}   EoU cut off {acc[n, False]:.3f}"
+              for n in ("memory stage", "memory + dialogue stages", "dialogues alone")]
+    print("\n".join(lines))
+    (tmp_path / "smr_accuracy.txt").write_text("\n".join(lines) + "\n")
+
+    # judged on the memory stage's export; the chained model is reported (40 dialogue steps at this learning rate
+    # wash the skill out again on a model this small: see the README)
+    assert acc["memory stage", True] >= acc["dialogues alone", True] + 0.08, lines
+    assert acc["memory stage", True] >= acc["memory stage", False] + 0.08, "the gain must come through the EoU"
+    assert acc["dialogues alone", True] <= acc["dialogues alone", False] + 0.03, "no memory path without the memory stage"
+
+
+def test_quickstart_recipe_runs_as_shipped(tmp_path):
+    """configs/quickstart.yaml as `make quickstart` runs it (relative ../shared/data inputs, from the repository root),
+    shortened by overrides only: it ends by printing where the exported model and the W&B run are."""
+    out = tmp_path / "quickstart"
+    proc = convsink("run", "configs/quickstart.yaml", f"out_dir={out}", "train.max_steps=4", "train.warmup_steps=1",
+                    "data.max_dialogues=40", "chat.max_new_tokens=4")
+    tail = proc.stdout.strip().splitlines()[-2:]
+    assert tail[0] == f"done. exported model: {out / 'export'}", tail
+    assert tail[1].strip().startswith("W&B run (offline):") and os.path.isdir(tail[1].split(": ", 1)[1]), tail
+    assert (out / "export" / "model.safetensors").is_file() and (out / "export" / "convsink.json").is_file()
