@@ -10,17 +10,18 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from data_prep.contract import BLK, EOU, INPUT_IDS, LABELS, MASK_KIND, UTT_IDS
 from data_prep.layout import TokenizedDialogue
 from data_prep.schema import DataError
 
 _TOKEN_COLUMNS = [
-    ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-    ("utt_ids", pa.list_(pa.int32())),
-    ("eou", pa.list_(pa.bool_())),
-    ("blk", pa.list_(pa.int32())),
+    (INPUT_IDS, pa.list_(pa.int32())),
+    (LABELS, pa.list_(pa.int32())),
+    (UTT_IDS, pa.list_(pa.int32())),
+    (EOU, pa.list_(pa.bool_())),
+    (BLK, pa.list_(pa.int32())),
 ]
-ITEM_SCHEMA = pa.schema([("dialogue_id", pa.string()), ("mask_kind", pa.string()), *_TOKEN_COLUMNS])
+ITEM_SCHEMA = pa.schema([("dialogue_id", pa.string()), (MASK_KIND, pa.string()), *_TOKEN_COLUMNS])
 PIECE_SCHEMA = pa.schema([
     ("file_index", pa.int32()),  # which input file
     ("ordinal", pa.int64()),  # record number inside that file (0-based, blank lines not counted)
@@ -33,13 +34,13 @@ PIECE_SCHEMA = pa.schema([
     ("utterances", pa.int32()),  # utterances in this window
     ("tokens_rejected", pa.int64()),  # tokens of a record rejected after tokenization
     ("dialogue_id", pa.string()),
-    ("mask_kind", pa.string()),
+    (MASK_KIND, pa.string()),
     *_TOKEN_COLUMNS,
 ])
 
 
 def items_table(items: list[TokenizedDialogue]) -> pa.Table:
-    cols = {"dialogue_id": [it.dialogue_id for it in items], "mask_kind": [it.mask_kind for it in items]}
+    cols = {"dialogue_id": [it.dialogue_id for it in items], MASK_KIND: [it.mask_kind for it in items]}
     for name, _ in _TOKEN_COLUMNS:
         cols[name] = [getattr(it, name) for it in items]
     return pa.Table.from_pydict(cols, schema=ITEM_SCHEMA)
@@ -57,14 +58,14 @@ class PieceBuilder:
     def reject(self, file_index: int, ordinal: int, err: DataError, tokens: int = 0) -> None:
         self.rows.append(self._base(file_index, ordinal, err.line, err.source) | {
             "error": err.reason, "code": err.code, "window": 0, "windows": 0, "utterances": 0,
-            "tokens_rejected": tokens, "dialogue_id": "", "mask_kind": "",
+            "tokens_rejected": tokens, "dialogue_id": "", MASK_KIND: "",
             **{name: [] for name, _ in _TOKEN_COLUMNS}})
 
     def keep(self, file_index: int, ordinal: int, line, source: str, windows: list[TokenizedDialogue]) -> None:
         for w in windows:
             self.rows.append(self._base(file_index, ordinal, line, source) | {
                 "error": "", "code": "", "window": w.window, "windows": len(windows), "utterances": w.num_utterances,
-                "tokens_rejected": 0, "dialogue_id": w.dialogue_id, "mask_kind": w.mask_kind,
+                "tokens_rejected": 0, "dialogue_id": w.dialogue_id, MASK_KIND: w.mask_kind,
                 **{name: getattr(w, name) for name, _ in _TOKEN_COLUMNS}})
 
     def table(self) -> pa.Table:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from data_prep.contract import DIALOGUE, IGNORE
 from data_prep.schema import DataError, Dialogue
-from data_prep.tokenizer_loading import SpecialIds
-
-IGNORE = -100
+from data_prep.tokenizer_loading import SpecialIds, encode_utterances
 
 
 @dataclass
@@ -28,7 +27,7 @@ class TokenizedDialogue:
     utt_ids: list[int]
     eou: list[bool]
     blk: list[int]
-    mask_kind: str = "dialogue"
+    mask_kind: str = DIALOGUE
     window: int = 0  # index of this window inside its dialogue (0 unless split)
 
     def __len__(self) -> int:
@@ -45,7 +44,7 @@ def dialogue_texts(dialogue: Dialogue, speaker_tags: bool = False) -> list[str]:
 
 def utterance_token_ids(dialogue: Dialogue, tokenizer, speaker_tags: bool = False) -> list[list[int]]:
     """Tokenize each utterance without special tokens (one batched tokenizer call)."""
-    return tokenizer(dialogue_texts(dialogue, speaker_tags), add_special_tokens=False)["input_ids"]
+    return encode_utterances(tokenizer, dialogue_texts(dialogue, speaker_tags))
 
 
 class FastEncoder:
@@ -86,7 +85,7 @@ class FastEncoder:
             return []
         if self._raw is not None:
             return [e.ids for e in self._raw.encode_batch(texts, add_special_tokens=False)]
-        return self._hf(texts, add_special_tokens=False)["input_ids"]
+        return encode_utterances(self._hf, texts)
 
 
 def layout_dialogue(dialogue_id: str, utterances: list[list[int]], ids: SpecialIds, window: int = 0) -> TokenizedDialogue:
@@ -97,7 +96,7 @@ def layout_dialogue(dialogue_id: str, utterances: list[list[int]], ids: SpecialI
         utt += [i] * (len(u) + 1)
         eou += [False] * len(u) + [True]
     labels = [IGNORE] + input_ids[1:]
-    return TokenizedDialogue(dialogue_id, input_ids, labels, utt, eou, list(utt), "dialogue", window)
+    return TokenizedDialogue(dialogue_id, input_ids, labels, utt, eou, list(utt), DIALOGUE, window)
 
 
 def split_into_windows(dialogue: Dialogue, utterances: list[list[int]], ids: SpecialIds, seq_len: int) -> list[TokenizedDialogue]:

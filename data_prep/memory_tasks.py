@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from data_prep.config import LMRConfig, SMRConfig
+from data_prep.contract import LMR, SMR
 from data_prep.items import items_table
 from data_prep.layout import IGNORE, TokenizedDialogue
 from data_prep.tokenizer_loading import SpecialIds
@@ -44,7 +45,7 @@ def smr_sample(name: str, utterances: list[list[int]], ids: SpecialIds, seq_len:
             labels += toks if copy else [IGNORE] * len(toks)
             utt += [block] * len(toks)
             eou += [False] * len(u) + [True]
-    return TokenizedDialogue(name, input_ids, labels, utt, eou, list(utt), "smr")
+    return TokenizedDialogue(name, input_ids, labels, utt, eou, list(utt), SMR)
 
 
 def lmr_sample(name: str, pairs: list[tuple[list[int], list[int]]], repeat: int, ids: SpecialIds,
@@ -63,7 +64,7 @@ def lmr_sample(name: str, pairs: list[tuple[list[int], list[int]]], repeat: int,
             utt += [u] * len(seg)
             eou += [False] * len(toks) + [True]
             blk += [p] * len(seg)
-    return TokenizedDialogue(name, input_ids, labels, utt, eou, blk, "lmr")
+    return TokenizedDialogue(name, input_ids, labels, utt, eou, blk, LMR)
 
 
 class Corpus:

@@ -7,7 +7,7 @@ A packed row of ``seq_len`` tokens holds several items back to back and padding 
 
 ``ffd_bins``: first-fit-decreasing. First fit is found with a max segment tree over the free room of the bins
 (leaves not yet opened hold ``seq_len``, so "the first bin with room" is also "open a new bin"): O(n log n),
-the same bins as the quadratic scan (``pack_first_fit_decreasing_naive``, kept for the tests).
+the same bins as the quadratic scan (``tests/data_prep/reference_packing.py``).
 
 ``ffd_then_fill`` (the default, ``data.packing: ffd_fill``): FFD, then the items of its loose bins repacked by
 bin completion (each bin: the longest item, then a subset-sum fill of the rest of its room); the fewest bins
@@ -18,10 +18,6 @@ win, so it is never worse than FFD. On the MSC data at seq_len 8192 FFD needs 18
 from __future__ import annotations
 
 import bisect
-
-from data_prep.layout import IGNORE, TokenizedDialogue
-
-COLUMNS = ("input_ids", "labels", "position_ids", "doc_ids", "utt_ids", "eou", "blk")
 
 
 def _check(n: int, seq_len: int, name) -> None:
@@ -141,56 +137,3 @@ def pack_bins(lengths: list[int], seq_len: int, method: str = "ffd_fill", names=
     if method == "ffd_fill":
         return ffd_then_fill(lengths, seq_len, names)
     raise ValueError(f"unknown packing method {method!r}; expected ffd_fill or ffd")
-
-
-def pack_first_fit_decreasing(items: list[TokenizedDialogue], seq_len: int) -> list[list[int]]:
-    return ffd_bins([len(it) for it in items], seq_len, [it.dialogue_id for it in items])
-
-
-def pack_first_fit_decreasing_naive(lengths: list[int], seq_len: int) -> list[list[int]]:
-    """The O(n * bins) reference: scan the bins in order for the first with room."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        n = lengths[i]
-        _check(n, seq_len, i)
-        for b, room in enumerate(free):
-            if room >= n:
-                bins[b].append(i)
-                free[b] -= n
-                break
-        else:
-            bins.append([i])
-            free.append(seq_len - n)
-    return bins
-
-
-def build_row(items: list[TokenizedDialogue], seq_len: int, pad_id: int) -> dict:
-    """Concatenate items into one row of exactly ``seq_len`` tokens (padding at the end), as Python lists."""
-    row = {c: [] for c in COLUMNS}
-    kinds = {it.mask_kind for it in items}
-    if len(kinds) != 1:
-        raise ValueError(f"one packed row must hold one mask kind, got {sorted(kinds)}")
-    for doc, it in enumerate(items):
-        row["input_ids"] += it.input_ids
-        row["labels"] += it.labels
-        row["position_ids"] += list(range(len(it)))
-        row["doc_ids"] += [doc] * len(it)
-        row["utt_ids"] += it.utt_ids
-        row["eou"] += it.eou
-        row["blk"] += it.blk
-    pad = seq_len - len(row["input_ids"])
-    if pad < 0:
-        raise ValueError(f"row of {len(row['input_ids'])} tokens exceeds seq_len={seq_len}")
-    row["input_ids"] += [pad_id] * pad
-    row["labels"] += [IGNORE] * pad
-    row["position_ids"] += [0] * pad
-    row["doc_ids"] += [-1] * pad
-    row["utt_ids"] += [-1] * pad
-    row["eou"] += [False] * pad
-    row["blk"] += [-1] * pad
-    row["mask_kind"] = kinds.pop()
-    row["num_docs"] = len(items)
-    row["dialogue_ids"] = [it.dialogue_id for it in items]
-    return row

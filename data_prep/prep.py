@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 
 import numpy as np
@@ -25,9 +24,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_prep.config import DataConfig
+from data_prep.contract import DIALOGUE, EOU, INPUT_IDS, LMR, SMR, TASKS, UTT_IDS
 from data_prep.items import ITEM_SCHEMA
 from data_prep.memory_tasks import Corpus, build_lmr, build_smr, lmr_ineligible, smr_plan
 from data_prep.packing import pack_bins
+from data_prep.paths import folder_written_atomically
 from data_prep.progress import Progress
 from data_prep.reader import input_metas
 from data_prep.schema import DataError
@@ -37,7 +38,6 @@ from data_prep.tokenizer_loading import load_tokenizer, prepare_tokenizer
 
 FORMAT_VERSION = 2
 EXECUTION_FIELDS = ("engine", "workers", "chunk_records", "memory_chunk")  # never change the output
-KINDS = ("dialogue", "smr", "lmr")
 
 
 def output_config(cfg: DataConfig) -> dict:
@@ -82,18 +82,9 @@ def prepare(inputs: list[str], out: str, cfg: DataConfig, progress: bool = True)
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
         raise FileExistsError(f"{out}: exists, is not empty and is not a convsink shard folder; choose another --out")
 
-    tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with folder_written_atomically(out) as tmp:
         manifest = _prepare_into(paths, metas, tmp, cfg, tokenizer, ids, fp, digest, progress)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return manifest
 
 
 def make_engine(cfg: DataConfig, tokenizer, tokenizer_dir: str, ids):
@@ -110,7 +101,7 @@ def make_engine(cfg: DataConfig, tokenizer, tokenizer_dir: str, ids):
 
 
 def _piece_tokens(table: pa.Table) -> int:
-    return int(pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0)
+    return int(pc.sum(pc.list_value_length(table[INPUT_IDS])).as_py() or 0)
 
 
 def collect(stream, cfg: DataConfig, bar: Progress) -> pa.Table:
@@ -141,7 +132,7 @@ def _count(pieces: pa.Table, metas: list[dict]) -> tuple[dict, list[dict]]:
     kept = ~rejected
     window = pieces["window"].to_numpy()
     first = window == 0
-    lengths = pc.list_value_length(pieces["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = pc.list_value_length(pieces[INPUT_IDS]).to_numpy(zero_copy_only=False).astype(np.int64)
     fi = pieces["file_index"].to_numpy()
     n_windows = pieces["windows"].to_numpy()
     dialogues = int((kept & first).sum())
@@ -182,9 +173,9 @@ def _rejected_records(pieces: pa.Table) -> list[dict]:
 
 def corpus_of(items: pa.Table, window: np.ndarray) -> Corpus:
     """The kept dialogues' utterances (windows joined back), for the memory tasks."""
-    ids = items["input_ids"].combine_chunks().flatten().to_numpy()
-    utt = items["utt_ids"].combine_chunks().flatten().to_numpy()
-    eou = items["eou"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    ids = items[INPUT_IDS].combine_chunks().flatten().to_numpy()
+    utt = items[UTT_IDS].combine_chunks().flatten().to_numpy()
+    eou = items[EOU].combine_chunks().flatten().to_numpy(zero_copy_only=False)
     content = (utt > 0) & ~eou
     ends = np.nonzero(eou)[0]
     csum = np.cumsum(content)
@@ -197,7 +188,7 @@ def corpus_of(items: pa.Table, window: np.ndarray) -> Corpus:
 
 
 def _starts(items: pa.Table) -> np.ndarray:
-    return items["input_ids"].combine_chunks().offsets.to_numpy()[:-1]
+    return items[INPUT_IDS].combine_chunks().offsets.to_numpy()[:-1]
 
 
 # ---------------------------------------------------------------------------------------------- jobs (run on workers)
@@ -206,7 +197,7 @@ def _starts(items: pa.Table) -> np.ndarray:
 def _memory_job(job, corpus: Corpus, cfg: dict, ids, seq_len: int, seed: int, plan=None):
     kind, start, stop = job
     conf = DataConfig.model_validate(cfg)
-    if kind == "smr":
+    if kind == SMR:
         return build_smr(corpus, conf.smr, ids, seq_len, seed, start, stop, plan)
     return build_lmr(corpus, conf.lmr, ids, seq_len, seed, start, stop)
 
@@ -228,13 +219,13 @@ def _memory_items(engine, items: pa.Table, window: np.ndarray, cfg: DataConfig, 
     plan = smr_plan(corpus, cfg.seq_len, cfg.smr.max_utterance_tokens)
     stats.update(memory_pool_dialogues=corpus.num_dialogues, smr_long_utterances=plan["long_utterances"],
                  lmr_ineligible_dialogues=lmr_ineligible(corpus))
-    for kind, n in (("smr", cfg.smr.samples), ("lmr", cfg.lmr.samples)):
+    for kind, n in ((SMR, cfg.smr.samples), (LMR, cfg.lmr.samples)):
         if n == 0:
             continue
         jobs = [(kind, a, min(a + cfg.memory_chunk, n)) for a in range(0, n, cfg.memory_chunk)]
         tables = []
         for table, st in engine.map(_memory_job, jobs, corpus=corpus, cfg=cfg.model_dump(mode="json"), ids=ids,
-                                    seq_len=cfg.seq_len, seed=cfg.seed, plan=plan if kind == "smr" else None):
+                                    seq_len=cfg.seq_len, seed=cfg.seed, plan=plan if kind == SMR else None):
             tables.append(table)
             for k, v in st.items():
                 stats[k] = stats.get(k, 0) + v
@@ -243,7 +234,7 @@ def _memory_items(engine, items: pa.Table, window: np.ndarray, cfg: DataConfig, 
 
 
 def _shard_jobs(kind: str, items: pa.Table, cfg: DataConfig) -> tuple[list, dict]:
-    lengths = pc.list_value_length(items["input_ids"]).to_numpy(zero_copy_only=False).tolist()
+    lengths = pc.list_value_length(items[INPUT_IDS]).to_numpy(zero_copy_only=False).tolist()
     bins = pack_bins(lengths, cfg.seq_len, cfg.packing, items["dialogue_id"].to_pylist())
     jobs = []
     for k in range(0, len(bins), cfg.shard_rows):
@@ -280,16 +271,16 @@ def _prepare_into(paths, metas, tmp, cfg: DataConfig, tokenizer, ids, fp, digest
 
     kept = pieces.filter(pc.equal(pieces["error"], ""))
     window = kept["window"].to_numpy()
-    items = {"dialogue": kept.select(ITEM_SCHEMA.names).cast(ITEM_SCHEMA)}
+    items = {DIALOGUE: kept.select(ITEM_SCHEMA.names).cast(ITEM_SCHEMA)}
     t1 = time.perf_counter()
-    memory, memory_stats = _memory_items(engine, items["dialogue"], window, cfg, ids)
+    memory, memory_stats = _memory_items(engine, items[DIALOGUE], window, cfg, ids)
     items.update(memory)
     counts.update(memory_stats)
     timing["memory_seconds"] = round(time.perf_counter() - t1, 3)
 
     t2 = time.perf_counter()
     shards, packing, jobs = [], {}, []
-    for kind in KINDS:
+    for kind in TASKS:
         if kind in items and items[kind].num_rows:
             kind_jobs, packing[kind] = _shard_jobs(kind, items[kind], cfg)
             jobs += kind_jobs
@@ -306,7 +297,7 @@ def _prepare_into(paths, metas, tmp, cfg: DataConfig, tokenizer, ids, fp, digest
         with open(os.path.join(tmp, "rejected.jsonl"), "w") as f:
             for r in rejected:
                 f.write(json.dumps(r) + "\n")
-    d = packing["dialogue"]
+    d = packing[DIALOGUE]
     counts.update(sequences=d["sequences"], pad_tokens=d["pad_tokens"], packing_efficiency=d["packing_efficiency"],
                   rows_all_kinds=sum(p["sequences"] for p in packing.values()),
                   tokens_by_kind={k: p["tokens"] for k, p in packing.items()})

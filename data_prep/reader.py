@@ -25,6 +25,7 @@ from data_prep.adapters import (
     personachat_records,
 )
 from data_prep.config import DataConfig
+from data_prep.contract import DIALOGUE, MASK_KIND
 from data_prep.items import PieceBuilder, pieces_from_columns
 from data_prep.layout import dialogue_texts, split_into_windows
 from data_prep.schema import DataError
@@ -164,7 +165,7 @@ def process_chunk(task: ChunkTask, encode, ids: SpecialIds, cfg: DataConfig) -> 
             windows.append((first + a, first + b))
             scalars.append(base | {"line": str(rec.line), "error": "", "code": "", "window": w, "windows": len(plan),
                                    "utterances": b - a, "tokens_rejected": 0, "dialogue_id": f"{name}:{rec.id}",
-                                   "mask_kind": "dialogue"})
+                                   MASK_KIND: DIALOGUE})
             row_lengths.append(1 + sum(kept_lens[first + a:first + b]) + (b - a))
     tokens = np.fromiter(chain.from_iterable(kept_utts), dtype=np.int32, count=sum(kept_lens))
     cols = layout_columns(np.asarray(kept_lens, dtype=np.int64), tokens, windows, ids)
@@ -173,7 +174,7 @@ def process_chunk(task: ChunkTask, encode, ids: SpecialIds, cfg: DataConfig) -> 
 
 def _rejected(err: DataError, tokens: int = 0) -> dict:
     return {"line": str(err.line), "source": err.source, "error": err.reason, "code": err.code, "window": 0,
-            "windows": 0, "utterances": 0, "tokens_rejected": tokens, "dialogue_id": "", "mask_kind": ""}
+            "windows": 0, "utterances": 0, "tokens_rejected": tokens, "dialogue_id": "", MASK_KIND: ""}
 
 
 def keep_or_reject(out: PieceBuilder, file_index: int, ordinal: int, line, name: str, dialogue, utterances,

@@ -15,26 +15,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA = pa.schema([
-    ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-    ("position_ids", pa.list_(pa.int32())),
-    ("doc_ids", pa.list_(pa.int32())),
-    ("utt_ids", pa.list_(pa.int32())),
-    ("eou", pa.list_(pa.bool_())),
-    ("blk", pa.list_(pa.int32())),
-    ("mask_kind", pa.string()),
-    ("dialogue_ids", pa.list_(pa.string())),
-])
+from data_prep.contract import (
+    BLK,
+    DIALOGUE_IDS,
+    DOC_IDS,
+    EOU,
+    INPUT_IDS,
+    LABELS,
+    MASK_KIND,
+    PAD_VALUES,
+    POSITION_IDS,
+    SHARD_SCHEMA,
+    UTT_IDS,
+)
+
 MANIFEST = "manifest.json"
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -44,7 +41,6 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-_PAD = {"input_ids": None, "labels": -100, "position_ids": 0, "doc_ids": -1, "utt_ids": -1, "eou": False, "blk": -1}
 
 
 def _values(items: pa.Table, col: str) -> np.ndarray:
@@ -54,15 +50,15 @@ def _values(items: pa.Table, col: str) -> np.ndarray:
 
 def pack_table(items: pa.Table, row_of_item: np.ndarray, seq_len: int, pad_id: int) -> pa.Table:
     """Packed rows from items (an ``items.ITEM_SCHEMA`` table, grouped by row and in placement order inside a
-    row; ``row_of_item[i]`` is item i's row). Vectorized: the numpy equivalent of ``packing.build_row``."""
+    row; ``row_of_item[i]`` is item i's row). Vectorized (tested against the list-based ``tests/data_prep/reference_packing.build_row``)."""
     row_of_item = np.asarray(row_of_item, dtype=np.int64)
     n_items = items.num_rows
     if n_items == 0:
-        return SCHEMA.empty_table()
+        return SHARD_SCHEMA.empty_table()
     if np.any(np.diff(row_of_item) < 0):
         raise ValueError("items must be grouped by row, rows in order")
     n_rows = int(row_of_item[-1]) + 1
-    lengths = np.diff(items["input_ids"].combine_chunks().offsets.to_numpy()).astype(np.int64)
+    lengths = np.diff(items[INPUT_IDS].combine_chunks().offsets.to_numpy()).astype(np.int64)
     row_len = np.bincount(row_of_item, weights=lengths, minlength=n_rows).astype(np.int64)
     if row_len.max() > seq_len:
         raise ValueError(f"a row of {int(row_len.max())} tokens exceeds seq_len={seq_len}")
@@ -73,38 +69,38 @@ def pack_table(items: pa.Table, row_of_item: np.ndarray, seq_len: int, pad_id: i
     total = int(lengths.sum())
     filled = np.arange(seq_len)[None, :] < row_len[:, None]
     flat = {
-        "input_ids": _values(items, "input_ids"),
-        "labels": _values(items, "labels"),
-        "position_ids": np.arange(total) - np.repeat(starts, lengths),
-        "doc_ids": np.repeat(doc, lengths),
-        "utt_ids": _values(items, "utt_ids"),
-        "eou": _values(items, "eou"),
-        "blk": _values(items, "blk"),
+        INPUT_IDS: _values(items, INPUT_IDS),
+        LABELS: _values(items, LABELS),
+        POSITION_IDS: np.arange(total) - np.repeat(starts, lengths),
+        DOC_IDS: np.repeat(doc, lengths),
+        UTT_IDS: _values(items, UTT_IDS),
+        EOU: _values(items, EOU),
+        BLK: _values(items, BLK),
     }
     offsets = pa.array(np.arange(0, (n_rows + 1) * seq_len, seq_len, dtype=np.int32))
     columns = {}
     for name, values in flat.items():
-        field = SCHEMA.field(name)
+        field = SHARD_SCHEMA.field(name)
         dtype = np.bool_ if field.type.value_type == pa.bool_() else np.int32
-        pad = pad_id if _PAD[name] is None else _PAD[name]
+        pad = PAD_VALUES.get(name, pad_id)  # input_ids: the tokenizer's pad id
         out = np.full((n_rows, seq_len), pad, dtype=dtype)
         out[filled] = values.astype(dtype, copy=False)
         columns[name] = pa.ListArray.from_arrays(offsets, pa.array(out.reshape(-1), type=field.type.value_type))
-    kinds = items["mask_kind"].to_pylist()
+    kinds = items[MASK_KIND].to_pylist()
     row_kind = [None] * n_rows
     for r, k in zip(row_of_item.tolist(), kinds):
         if row_kind[r] is not None and row_kind[r] != k:
             raise ValueError(f"one packed row must hold one mask kind, got {row_kind[r]} and {k}")
         row_kind[r] = k
-    columns["mask_kind"] = pa.array(row_kind, type=pa.string())
+    columns[MASK_KIND] = pa.array(row_kind, type=pa.string())
     doc_offsets = pa.array(np.concatenate([row_first, [n_items]]).astype(np.int32))
-    columns["dialogue_ids"] = pa.ListArray.from_arrays(doc_offsets, items["dialogue_id"].combine_chunks().cast(pa.string()))
-    return pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
+    columns[DIALOGUE_IDS] = pa.ListArray.from_arrays(doc_offsets, items["dialogue_id"].combine_chunks().cast(pa.string()))
+    return pa.Table.from_arrays([columns[f.name] for f in SHARD_SCHEMA], schema=SHARD_SCHEMA)
 
 
 def shard_entry(name: str, table: pa.Table, data: bytes, seq_len: int) -> dict:
     """The manifest entry of one shard (``data``: its Parquet bytes)."""
-    doc = table["doc_ids"].combine_chunks().flatten().to_numpy()
+    doc = table[DOC_IDS].combine_chunks().flatten().to_numpy()
     tokens = int((doc >= 0).sum())
     slots = table.num_rows * seq_len
     return {
@@ -112,8 +108,8 @@ def shard_entry(name: str, table: pa.Table, data: bytes, seq_len: int) -> dict:
         "rows": table.num_rows,
         "tokens": tokens,
         "padding_fraction": round(1 - tokens / slots, 6) if slots else 0.0,
-        "dialogues": int(sum(len(d) for d in table["dialogue_ids"].to_pylist())),
-        "mask_kind": sorted(set(table["mask_kind"].to_pylist())),
+        "dialogues": int(sum(len(d) for d in table[DIALOGUE_IDS].to_pylist())),
+        MASK_KIND: sorted(set(table[MASK_KIND].to_pylist())),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
 
@@ -125,21 +121,6 @@ def encode_shard(name: str, items: pa.Table, row_of_item, seq_len: int, pad_id: 
     return data, shard_entry(name, table, data, seq_len)
 
 
-def write_shard(rows: list[dict], path: str) -> dict:
-    """Write ``packing.build_row`` rows to one Parquet file and return its manifest entry (the list-based path)."""
-    table = pa.Table.from_pydict({f.name: [r[f.name] for r in rows] for f in SCHEMA}, schema=SCHEMA)
-    pq.write_table(table, path, compression="zstd", write_statistics=False)
-    tokens = sum(sum(1 for d in r["doc_ids"] if d >= 0) for r in rows)
-    slots = sum(len(r["input_ids"]) for r in rows)
-    return {
-        "file": os.path.basename(path),
-        "rows": len(rows),
-        "tokens": tokens,
-        "padding_fraction": round(1 - tokens / slots, 6) if slots else 0.0,
-        "dialogues": sum(r["num_docs"] for r in rows),
-        "mask_kind": sorted({r["mask_kind"] for r in rows}),
-        "sha256": sha256_file(path),
-    }
 
 
 def read_manifest(data_dir: str) -> dict:
@@ -153,10 +134,10 @@ def read_manifest(data_dir: str) -> dict:
 def read_rows(data_dir: str, mask_kinds: tuple[str, ...] | None = None) -> pa.Table:
     """All rows of all shards, in manifest order (optionally only some mask kinds)."""
     manifest = read_manifest(data_dir)
-    tables = [pq.read_table(os.path.join(data_dir, s["file"]), schema=SCHEMA) for s in manifest["shards"]]
-    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    tables = [pq.read_table(os.path.join(data_dir, s["file"]), schema=SHARD_SCHEMA) for s in manifest["shards"]]
+    table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
     if mask_kinds is not None:
         import pyarrow.compute as pc
 
-        table = table.filter(pc.is_in(table["mask_kind"], value_set=pa.array(list(mask_kinds))))
+        table = table.filter(pc.is_in(table[MASK_KIND], value_set=pa.array(list(mask_kinds))))
     return table

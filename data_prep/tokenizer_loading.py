@@ -6,7 +6,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-from data_prep.paths import cache_dir
+from data_prep.paths import cache_dir, folder_written_atomically
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -31,15 +31,8 @@ def smollm2_tokenizer_dir() -> str:
 
     gguf = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
-    tmp = f"{out}.tmp-{os.getpid()}"
-    tok.save_pretrained(tmp)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    try:
-        os.rename(tmp, out)
-    except OSError:  # another process won the race
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    with folder_written_atomically(out, replace=False) as tmp:  # another process may win the race
+        tok.save_pretrained(tmp)
     return out
 
 
@@ -51,6 +44,11 @@ def load_tokenizer(spec: str):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder not found: {path}")
     return AutoTokenizer.from_pretrained(path)
+
+
+def encode_utterances(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each utterance text, with no special tokens added (method.md §1); one batched call."""
+    return tokenizer(list(texts), add_special_tokens=False).input_ids
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from data_prep.contract import BLK, EOU, INPUT_IDS, LABELS, UTT_IDS
 from data_prep.layout import IGNORE
 from data_prep.tokenizer_loading import SpecialIds
 
@@ -35,7 +36,7 @@ def layout_columns(utt_lens: np.ndarray, tokens: np.ndarray, windows: list[tuple
     utt_lens = np.asarray(utt_lens, dtype=np.int64)
     if not windows:
         z = np.zeros(0, dtype=np.int32)
-        return {"input_ids": z, "labels": z, "utt_ids": z, "eou": np.zeros(0, dtype=np.bool_), "blk": z,
+        return {INPUT_IDS: z, LABELS: z, UTT_IDS: z, EOU: np.zeros(0, dtype=np.bool_), BLK: z,
                 "lengths": np.zeros(0, dtype=np.int64), "utterances": np.zeros(0, dtype=np.int64)}
     a = np.array([w[0] for w in windows], dtype=np.int64)
     b = np.array([w[1] for w in windows], dtype=np.int64)
@@ -67,5 +68,5 @@ def layout_columns(utt_lens: np.ndarray, tokens: np.ndarray, windows: list[tuple
     eou[eou_pos] = True
     labels = input_ids.copy()
     labels[w_start] = IGNORE
-    return {"input_ids": input_ids, "labels": labels, "utt_ids": utt, "eou": eou, "blk": utt.copy(),
+    return {INPUT_IDS: input_ids, LABELS: labels, UTT_IDS: utt, EOU: eou, BLK: utt.copy(),
             "lengths": win_len, "utterances": n_utts}

@@ -11,6 +11,8 @@ import os
 import re
 import sys
 
+from pipeline.contract import CACHE_POLICIES, DIALOGUE, DIALOGUE_ROW_MASKS, STAGES
+
 
 def _overrides_help() -> str:
     return "config overrides as key=value, e.g. train.lr=3e-4 data.seq_len=512"
@@ -113,12 +115,12 @@ def cmd_bench_prep(args) -> int:
 
 
 def cmd_bench_inference(args) -> int:
-    from pipeline.bench.inference import bench_inference
+    from pipeline.bench.inference import DEFAULT_POLICIES, bench_inference
 
     r = bench_inference(args.model, args.out, utterances=tuple(args.utterances), window=args.window,
                         time_budget_s=args.time_budget, decode_tokens=args.decode_tokens, repeats=args.repeats,
                         threads=args.threads, recompute_window=args.recompute_window,
-                        policies=tuple(args.policies))
+                        policies=tuple(args.policies or DEFAULT_POLICIES))
     for n, ratio in r["ratios"].items():
         print(f"{n} utterances: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratio.items()))
     for s in r["skipped"]:
@@ -153,8 +155,8 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--window", type=int, default=256, help="streamingllm window (and recompute's unless --recompute-window)")
     s.add_argument("--recompute-window", type=int, help="tokens recompute re-encodes every utterance (default: --window; "
                    "the papers' dense-recompute baseline holds the model's whole context)")
-    s.add_argument("--policies", nargs="+", default=["dense", "recompute", "streamingllm", "streamingdialogue"],
-                   choices=["dense", "recompute", "streamingllm", "streamingdialogue"], help="cache policies to run")
+    s.add_argument("--policies", nargs="+", choices=CACHE_POLICIES,
+                   help="cache policies to run (default: dense recompute streamingllm streamingdialogue)")
     s.add_argument("--time-budget", type=float, default=900.0, help="seconds per policy before skipping points")
     s.add_argument("--decode-tokens", type=int, default=16, help="tokens per timed reply")
     s.add_argument("--repeats", type=int, default=5, help="timed replies per point (the median is reported)")
@@ -226,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="shard folder from `convsink prep`")
     s.add_argument("--out", required=True, help="run folder (checkpoints, W&B run)")
     s.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    s.add_argument("--stage", choices=["memory", "dialogue"], help="memory = SMR+LMR samples, dialogue = dialogue fine-tuning (default: the recipe's train.stage)")
+    s.add_argument("--stage", choices=STAGES, help="memory = SMR+LMR samples, dialogue = dialogue fine-tuning (default: the recipe's train.stage)")
     s.add_argument("overrides", nargs="*", help=_overrides_help())
     s.set_defaults(fn=cmd_train)
 
@@ -240,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="exported model folder (or smollm2 / tiny)")
     s.add_argument("--prompt-file", help="user turns, one per line (non-interactive)")
     s.add_argument("--config", help="YAML recipe (its chat: section is used)")
-    s.add_argument("--cache", choices=["dense", "streamingllm", "streamingdialogue", "recompute"],
+    s.add_argument("--cache", choices=CACHE_POLICIES,
                    help="KV cache policy (default: chat.cache if set, else the model's convsink.json)")
     s.add_argument("--show-cache", action="store_true", help="print the cache size after every turn")
     s.add_argument("overrides", nargs="*", help=_overrides_help())
@@ -249,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="perplexity, generation metrics and a recall probe (or score existing predictions)")
     s.add_argument("--model", help="exported model folder (or smollm2 / tiny)")
     s.add_argument("--data", nargs="+", help="dialogue files")
-    s.add_argument("--cache", choices=["dense", "streamingllm", "streamingdialogue", "recompute"],
+    s.add_argument("--cache", choices=CACHE_POLICIES,
                    help="cache policy for generation (default: chat.cache if set, else the model's convsink.json)")
-    s.add_argument("--mask", default="dialogue", choices=["dialogue", "causal", "local", "streamingllm", "bigbird"], help="mask for perplexity")
+    s.add_argument("--mask", default=DIALOGUE, choices=DIALOGUE_ROW_MASKS, help="mask for perplexity")
     s.add_argument("--limit", type=int, default=20, help="dialogues to evaluate (first N of the files)")
     s.add_argument("--max-tokens", type=int, default=2048, help="truncate dialogues to this many tokens for perplexity")
     s.add_argument("--recall-after", type=int, default=10, help="recall probe: turns before asking for the first utterance")

@@ -15,11 +15,9 @@ workers (and identical to the local engine). Runs on an embedded local Ray by de
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import os
 import pickle
-import shutil
 import time
 from typing import Iterator
 
@@ -27,35 +25,13 @@ import pyarrow as pa
 
 from data_prep.config import DataConfig
 from data_prep.layout import FastEncoder
+from data_prep.ray_cluster import ensure_ray
 from data_prep.reader import chunk_tasks, process_chunk
 from data_prep.tokenizer_loading import SpecialIds
 
 _ENCODERS: dict = {}  # per worker process: tokenizer digest -> FastEncoder (loaded once per tokenizer, ~0.2 s)
 
 
-def ensure_ray(workers: int | None = None):
-    """Join the cluster of RAY_ADDRESS (e.g. inside `ray job submit`), or start an embedded local Ray
-    (auth off, no usage stats, no dashboard, a short temp dir that is removed at exit)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # our own progress line says what happens
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False, configure_logging=False)
-        return ray
-    tmp = f"/tmp/ray-cs-{os.getpid()}"  # short: AF_UNIX socket paths are limited to 107 bytes
-    ray.init(address="local", num_cpus=max(workers or 0, os.cpu_count() or 1), include_dashboard=False,
-             _temp_dir=tmp, log_to_driver=False, configure_logging=False)
-
-    def _cleanup():
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    atexit.register(_cleanup)
-    return ray
 
 
 def _encoder(tokenizer: dict) -> FastEncoder:
@@ -93,7 +69,7 @@ class RayEngine:
 
     def __init__(self, cfg: DataConfig, tokenizer, tokenizer_dir: str, ids: SpecialIds):
         t0 = time.perf_counter()
-        self.ray = ensure_ray(cfg.workers)
+        self.ray = ensure_ray(num_cpus=cfg.workers or 0, worker_logs=False, temp_tag="cs")
         self.init_seconds = time.perf_counter() - t0
         import ray.data
 

@@ -29,7 +29,7 @@ def msc_episode_lengths(data_dir: str | None = None, limit: int = 4000, tokenize
     """Token lengths of real MSC utterances, one list per episode (``msc/*.jsonl``; per episode the previous
     sessions' then the current session's ``dialog[].text``, in file and turn order), at most ``limit`` utterances,
     tokenized without special tokens by ``data_prep.tokenizer_loading.load_tokenizer(tokenizer)``."""
-    from data_prep.tokenizer_loading import load_tokenizer
+    from data_prep.tokenizer_loading import encode_utterances, load_tokenizer
 
     folder = os.path.join(data_dir or shared_data_dir(), "msc")
     episodes: list[list[str]] = []
@@ -49,7 +49,7 @@ def msc_episode_lengths(data_dir: str | None = None, limit: int = 4000, tokenize
     if not episodes:
         raise FileNotFoundError(f"{folder}: no MSC utterances found")
     tok = load_tokenizer(tokenizer)
-    return [[max(1, len(ids)) for ids in tok(texts, add_special_tokens=False)["input_ids"]] for texts in episodes]
+    return [[max(1, len(ids)) for ids in encode_utterances(tok, texts)] for texts in episodes]
 
 
 def msc_utterance_lengths(data_dir: str | None = None, limit: int = 4000, tokenizer: str = "smollm2") -> list[int]:

@@ -26,9 +26,11 @@ import time
 import torch
 
 from data_prep.paths import shared_data_dir
+from data_prep.tokenizer_loading import encode_utterances
+from pipeline.contract import DENSE_CACHE, RECOMPUTE_CACHE, STREAMINGDIALOGUE_CACHE, STREAMINGLLM_CACHE
 
 DEFAULT_UTTERANCES = (100, 200, 500, 1000, 2000)
-DEFAULT_POLICIES = ("dense", "recompute", "streamingllm", "streamingdialogue")
+DEFAULT_POLICIES = (DENSE_CACHE, RECOMPUTE_CACHE, STREAMINGLLM_CACHE, STREAMINGDIALOGUE_CACHE)
 
 
 def long_conversation(tokenizer, data_dir: str, n_utterances: int) -> list[list[int]]:
@@ -45,7 +47,7 @@ def long_conversation(tokenizer, data_dir: str, n_utterances: int) -> list[list[
                 continue
             texts += [t.text for t in d.turns]
             if len(texts) >= n_utterances:
-                return tokenizer(texts[:n_utterances], add_special_tokens=False)["input_ids"]
+                return encode_utterances(tokenizer, texts[:n_utterances])
     raise ValueError(f"{msc}: only {len(texts)} utterances, {n_utterances} asked for")
 
 
@@ -81,7 +83,7 @@ def bench_inference(model_dir: str = "tiny", out: str = "bench/inference_tiny.js
     convo = long_conversation(tok, data_dir or shared_data_dir(), utterances[-1])
     recompute_window = recompute_window or window
     convs = {p: Conversation(model, info["bos_token_id"], info["eou_token_id"], p, sink_tokens=sink_tokens,
-                             window=recompute_window if p == "recompute" else window)
+                             window=recompute_window if p == RECOMPUTE_CACHE else window)
              for p in policies}
     spent = {p: 0.0 for p in policies}  # seconds each policy has taken so far (its time budget)
     rows, skipped, loads, done = [], [], [], 0
@@ -99,7 +101,7 @@ def bench_inference(model_dir: str = "tiny", out: str = "bench/inference_tiny.js
         for p in live:  # untimed fast part of the way
             t0 = time.perf_counter()
             for u in untimed:
-                if p == "recompute":
+                if p == RECOMPUTE_CACHE:
                     convs[p].record_utterance(u)
                 else:
                     convs[p].add_utterance(u, all_logits=False)
@@ -150,11 +152,11 @@ def _ratios(rows: list[dict], utterances: list[int]) -> tuple[dict, dict]:
     by = {(r["policy"], r["utterances"]): r for r in rows}
     ratios = {}
     for n in utterances:
-        sd = by.get(("streamingdialogue", n))
+        sd = by.get((STREAMINGDIALOGUE_CACHE, n))
         if sd is None:
             continue
         r = {}
-        for other in ("dense", "recompute", "streamingllm"):
+        for other in (DENSE_CACHE, RECOMPUTE_CACHE, STREAMINGLLM_CACHE):
             o = by.get((other, n))
             if o is not None:
                 r[f"memory_{other}_over_streamingdialogue"] = o["kv_bytes"] / sd["kv_bytes"]

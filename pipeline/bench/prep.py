@@ -59,7 +59,7 @@ def effective_cores(n: int = 6_000_000) -> float:
 def bench_prep(out: str, data_dir: str | None = None, workers: int | None = None, repeats: int = 3) -> dict:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from data_prep.config import DataConfig
-    from data_prep.engines.ray_data import ensure_ray
+    from data_prep.ray_cluster import ensure_ray
 
     data_dir = data_dir or shared_data_dir()
     msc = sorted(glob.glob(os.path.join(data_dir, "msc", "*.jsonl")))
@@ -69,7 +69,7 @@ def bench_prep(out: str, data_dir: str | None = None, workers: int | None = None
     result = {"inputs": inputs, "cpus": n_cpus, "seq_len": 2048, "repeats": repeats, "engines": {}, "packing": {},
               "load_average_before": list(os.getloadavg())}
     t0 = time.perf_counter()
-    ensure_ray(workers)
+    ensure_ray(num_cpus=workers or 0, worker_logs=False, temp_tag="cs")
     result["ray_init_seconds"] = round(time.perf_counter() - t0, 2)
     tmp = tempfile.mkdtemp(prefix="bench-prep-")
     try:

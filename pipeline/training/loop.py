@@ -71,11 +71,19 @@ def lr_lambda(cfg: RunConfig):
     return f
 
 
-def _init_distributed(device: torch.device) -> None:
+def skip_shm_comm_build(device: torch.device) -> None:
+    """On CPU, tell DeepSpeed its shared-memory comm op is unavailable: else its first launch JIT-builds it for
+    minutes. Call before ``deepspeed.init_distributed``."""
     import deepspeed
 
     if device.type == "cpu":
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else a minutes-long JIT build at first launch
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _init_distributed(device: torch.device) -> None:
+    import deepspeed
+
+    skip_shm_comm_build(device)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
 

@@ -1,7 +1,7 @@
 """Next-token loss per task (dialogue / smr / lmr) with token-count reduction.
 
 The batch carries ``targets`` aligned with the logits (``targets[t] = labels[t + 1]``, -100 = no loss; see
-``pipeline.training.shard_loader.targets_from_labels``). Every dialogue starts with BOS whose label is -100, so no prediction
+``pipeline.contract.targets_from_labels``). Every dialogue starts with BOS whose label is -100, so no prediction
 crosses from one packed dialogue into the next. Losses are sums; the trainer divides by the token count of the
 whole global batch (all ranks, all micro-steps), so the gradient is a true per-token mean, not a mean of means.
 """
@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
-TASKS = ("dialogue", "smr", "lmr")
+from pipeline.contract import IGNORE
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

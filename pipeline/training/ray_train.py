@@ -21,13 +21,14 @@ ranks wrote). Ray's storage defaults to ``OUT/ray``. Files written next to the r
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
 import shutil
 import time
 
+from data_prep.paths import write_text_atomic
+from data_prep.ray_cluster import ensure_ray
 from pipeline.config import RunConfig
 from pipeline.training import checkpoint
 from pipeline.training.launch import TrainingFailed, prepare_run_dir
@@ -38,27 +39,6 @@ STATE_FILE = "convsink_state.json"
 
 # --- driver ------------------------------------------------------------------------------------------------
 
-def ensure_ray():
-    """Join the cluster of RAY_ADDRESS (set inside ``ray job submit``), or start an embedded local Ray (auth off,
-    no usage stats, no dashboard, a short temp dir removed at exit). Never joins a cluster by accident."""
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return ray
-    tmp = f"/tmp/ray-ct-{os.getpid()}"  # short: AF_UNIX socket paths are limited to 107 bytes
-    ray.init(address="local", include_dashboard=False, _temp_dir=tmp)
-
-    def _cleanup():
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    atexit.register(_cleanup)
-    return ray
 
 
 def cpu_share(total_cpus: float, num_workers: int) -> float:
@@ -80,7 +60,7 @@ def ray_train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False,
     n = num_workers or cfg.train.nproc * cfg.train.nnodes
     if n % cfg.train.sequence_parallel_size:
         raise ValueError(f"{n} workers are not divisible by train.sequence_parallel_size={cfg.train.sequence_parallel_size}")
-    ray = ensure_ray()
+    ray = ensure_ray(temp_tag="ct")
     import torch
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -148,7 +128,7 @@ def _worker_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipeline.training.loop import train
+    from pipeline.training.loop import skip_shm_comm_build, train
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -156,8 +136,7 @@ def _worker_loop(config: dict) -> None:
     os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
     # Ray Train already set up torch.distributed; DeepSpeed's own comm layer must wrap that group, or DeepSpeed
     # sees a world of 1 (train() only initializes DeepSpeed's layer when torch.distributed is not initialized)
-    if not torch.cuda.is_available():
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else a minutes-long JIT build
+    skip_shm_comm_build(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     _write_pid(out_dir, rank)
     with open(config["config_path"]) as f:
@@ -226,7 +205,7 @@ def _record_committed(out_dir: str) -> None:
 def _write_pid(out_dir: str, rank: int) -> None:
     d = os.path.join(out_dir, "pids")
     os.makedirs(d, exist_ok=True)
-    _write_text(os.path.join(d, f"rank{rank}"), str(os.getpid()))
+    write_text_atomic(os.path.join(d, f"rank{rank}"), str(os.getpid()))
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------
@@ -263,7 +242,7 @@ def restore_checkpoint(ckpt, out_dir: str) -> dict:
         m = re.match(r"^step(\d{6,})$", name)
         if name.startswith(".tmp-") or (m and int(m.group(1)) > step):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    _write_text(os.path.join(root, checkpoint.LATEST), tag)
+    write_text_atomic(os.path.join(root, checkpoint.LATEST), tag)
     return dict(record, action="copied from Ray storage")
 
 
@@ -302,13 +281,5 @@ def _read_json(path: str):
 
 
 def _write_json(path: str, data) -> None:
-    _write_text(path, json.dumps(data, indent=2, default=str))
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

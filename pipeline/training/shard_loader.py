@@ -14,12 +14,17 @@ import functools
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from data_prep.shards import read_manifest, read_rows
-
-TENSOR_COLUMNS = ("input_ids", "labels", "position_ids", "doc_ids", "utt_ids", "eou", "blk")
-STAGE_KINDS = {"dialogue": ("dialogue",), "memory": ("smr", "lmr")}
+from pipeline.contract import (
+    DIALOGUE_STAGE,
+    INPUT_IDS,
+    MASK_KIND,
+    STAGE_KINDS,
+    TENSOR_COLUMNS,
+    batch_from_rows,
+    targets_from_labels,  # noqa: F401  (importers move to pipeline.contract)
+)
 
 
 @dataclass
@@ -47,18 +52,18 @@ class ShardData:
         return {k: np.flatnonzero(kinds == k) for k in sorted(set(self.mask_kind))}
 
 
-def load_shards(data_dir: str, stage: str = "dialogue") -> ShardData:
+def load_shards(data_dir: str, stage: str = DIALOGUE_STAGE) -> ShardData:
     kinds = STAGE_KINDS[stage]
     manifest = read_manifest(data_dir)
     table = read_rows(data_dir, kinds)
     if table.num_rows == 0:
-        have = sorted({k for s in manifest["shards"] for k in s.get("mask_kind", [])})
+        have = sorted({k for s in manifest["shards"] for k in s.get(MASK_KIND, [])})
         raise ValueError(f"{data_dir}: no {'/'.join(kinds)} rows for stage '{stage}' (the shards hold: {', '.join(have) or 'nothing'})")
     arrays = {}
     for c in TENSOR_COLUMNS:
         flat = table[c].combine_chunks().flatten().to_numpy(zero_copy_only=False)
         arrays[c] = flat.reshape(table.num_rows, -1)
-    return ShardData(arrays, table["mask_kind"].to_pylist(), arrays["input_ids"].shape[1])
+    return ShardData(arrays, table[MASK_KIND].to_pylist(), arrays[INPUT_IDS].shape[1])
 
 
 def kind_order(rows: np.ndarray, seed: int, kind: int, epoch: int) -> np.ndarray:
@@ -86,13 +91,6 @@ def global_index(sample: int, data: "ShardData", seed: int) -> int:
     return int(data.order[k][within])
 
 
-def targets_from_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Next-token targets aligned with the logits: ``targets[t] = labels[t + 1]``, -100 at the end. Shifting
-    before any sequence split keeps the prediction across a shard boundary."""
-    out = torch.full_like(labels, -100)
-    out[:, :-1] = labels[:, 1:]
-    return out
-
 
 def micro_batch(data: ShardData, step: int, micro: int, *, micro_size: int, grad_accum: int, dp_rank: int,
                 dp_size: int, seed: int) -> dict:
@@ -100,10 +98,4 @@ def micro_batch(data: ShardData, step: int, micro: int, *, micro_size: int, grad
     per_step = micro_size * grad_accum * dp_size
     start = step * per_step + (micro * dp_size + dp_rank) * micro_size
     rows = [global_index(start + i, data, seed) for i in range(micro_size)]
-    batch = {c: torch.from_numpy(np.ascontiguousarray(data.arrays[c][rows])) for c in TENSOR_COLUMNS}
-    for c in TENSOR_COLUMNS:
-        batch[c] = batch[c].bool() if c == "eou" else batch[c].long()
-    batch["targets"] = targets_from_labels(batch["labels"])
-    batch["mask_kind"] = [data.mask_kind[r] for r in rows]
-    batch["rows"] = rows
-    return batch
+    return batch_from_rows(data.arrays, data.mask_kind, rows)

@@ -10,7 +10,6 @@ import json
 import os
 import struct
 import uuid
-import zlib
 
 from pipeline.config import RunConfig, dump_config
 

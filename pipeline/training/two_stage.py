@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from pipeline.config import RunConfig
+from pipeline.contract import DIALOGUE_STAGE, MEMORY_STAGE
 
 
 def _train_stage(cfg: RunConfig, data_dir: str, train_dir: str, export_dir: str, label: str) -> dict:
@@ -44,17 +45,17 @@ def run_recipe(cfg: RunConfig) -> dict:
     dialogue_cfg = cfg
     if cfg.data.smr.samples or cfg.data.lmr.samples:
         memory_cfg = cfg.model_copy(deep=True)
-        memory_cfg.train.stage = "memory"
+        memory_cfg.train.stage = MEMORY_STAGE
         memory_cfg.train.max_steps = cfg.train.memory_steps or cfg.train.max_steps
         memory_cfg.wandb.name = f"{cfg.wandb.name or os.path.basename(os.path.abspath(out))}-memory"
         memory_export = os.path.join(out, "export-memory")
-        _train_stage(memory_cfg, data_dir, os.path.join(out, "train-memory"), memory_export, "memory")
+        _train_stage(memory_cfg, data_dir, os.path.join(out, "train-memory"), memory_export, MEMORY_STAGE)
         dialogue_cfg = cfg.model_copy(deep=True)
         dialogue_cfg.train.init_from = memory_export
 
-    dialogue_cfg.train.stage = "dialogue"
+    dialogue_cfg.train.stage = DIALOGUE_STAGE
     export_dir = os.path.join(out, "export")
-    result = _train_stage(dialogue_cfg, data_dir, os.path.join(out, "train"), export_dir, "dialogue")
+    result = _train_stage(dialogue_cfg, data_dir, os.path.join(out, "train"), export_dir, DIALOGUE_STAGE)
 
     print(f"[chat] {cfg.chat.cache} cache\nuser: {cfg.chat_prompt}", flush=True)
     replies = run_chat(export_dir, [cfg.chat_prompt], cfg.chat)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.schema import DataError, make_dialogue
 from data_prep.layout import IGNORE, FastEncoder, layout_dialogue, split_into_windows
+from data_prep.schema import DataError, make_dialogue
 from data_prep.tokenizer_loading import SpecialIds
 from data_prep.windows import layout_columns, plan_windows
 
@@ -22,8 +22,8 @@ def test_layout_bos_utterances_eous():
 
 
 def test_real_tokenizer_layout(tokenizer):
-    from data_prep.tokenizer_loading import prepare_tokenizer
     from data_prep.layout import utterance_token_ids
+    from data_prep.tokenizer_loading import prepare_tokenizer
 
     ids = prepare_tokenizer(tokenizer)
     assert ids.eou == tokenizer.eos_token_id and ids.bos == tokenizer.bos_token_id  # found, never hard-coded

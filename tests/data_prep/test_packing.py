@@ -9,11 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from data_prep.contract import SHARD_SCHEMA as SCHEMA
 from data_prep.items import items_table
-from data_prep.packing import build_row, ffd_bins, pack_first_fit_decreasing_naive
-from data_prep.shards import SCHEMA, pack_table
 from data_prep.layout import layout_dialogue
+from data_prep.packing import ffd_bins
+from data_prep.shards import pack_table
 from data_prep.tokenizer_loading import SpecialIds
+from tests.data_prep.reference_packing import build_row, pack_first_fit_decreasing_naive
 
 IDS = SpecialIds(bos=1, eou=2, pad=0)
 

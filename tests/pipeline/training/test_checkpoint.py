@@ -87,7 +87,7 @@ def test_a_save_killed_after_the_shards_keeps_the_previous_resume_point(tmp_path
         elif window == "rename":
             m.setattr(checkpoint.os, "rename", killed)
         else:
-            m.setattr(checkpoint, "_write_atomic", killed)
+            m.setattr(checkpoint, "write_text_atomic", killed)
         with pytest.raises(KeyboardInterrupt):
             checkpoint.save(CrashingEngine(), root, 15, {"step": 15}, keep_last=3)
     assert checkpoint.latest_tag(root) == "step000010"

@@ -1,0 +1,38 @@
+"""The one way convsink reaches Ray: join the cluster of ``RAY_ADDRESS`` (set inside ``ray job submit``), or start
+an embedded local Ray (auth off, no usage stats, no dashboard, a short temp dir removed at exit). It never joins
+a cluster by accident (``address="local"``, not a cluster an earlier ``ray start`` left behind)."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+
+
+def ensure_ray(num_cpus: int | None = None, worker_logs: bool = True, temp_tag: str = "cs"):
+    """The ``ray`` module, initialized. ``num_cpus``: CPUs of an embedded Ray (default: this machine's);
+    ``worker_logs=False`` keeps the workers' output off the driver (prep prints its own progress line);
+    ``temp_tag`` names the embedded Ray's temp dir ``/tmp/ray-<tag>-<pid>`` (short: AF_UNIX paths are limited
+    to 107 bytes)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = {} if worker_logs else {"log_to_driver": False, "configure_logging": False}
+    if not worker_logs:
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**quiet)
+        return ray
+    tmp = f"/tmp/ray-{temp_tag}-{os.getpid()}"
+    cpus = {"num_cpus": max(num_cpus, os.cpu_count() or 1)} if num_cpus is not None else {}
+    ray.init(address="local", include_dashboard=False, _temp_dir=tmp, **cpus, **quiet)
+
+    def _cleanup():
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    atexit.register(_cleanup)
+    return ray
