@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 
+from pipeline.config import OVERRIDE, split_overrides
 from pipeline.contract import CACHE_POLICIES, DIALOGUE, DIALOGUE_ROW_MASKS, STAGES
 
 
@@ -18,20 +18,11 @@ def _overrides_help() -> str:
     return "config overrides as key=value, e.g. train.lr=3e-4 data.seq_len=512"
 
 
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
-
-
-def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
-    """Positional arguments that look like ``section.key=value`` are overrides; the rest are inputs."""
-    inputs = [i for i in items if not _OVERRIDE.match(i)]
-    return inputs, [i for i in items if _OVERRIDE.match(i)]
-
-
 def cmd_prep(args) -> int:
     from data_prep.prep import prepare
     from pipeline.config import load_config
 
-    args.inputs, overrides = _split_overrides(args.inputs)
+    args.inputs, overrides = split_overrides(args.inputs)
     overrides += args.overrides
     if not args.inputs:
         raise ValueError("no input files given")
@@ -299,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     for item in extra:  # overrides (and, for prep, inputs) may follow options
-        if _OVERRIDE.match(item) and hasattr(args, "overrides"):
+        if OVERRIDE.match(item) and hasattr(args, "overrides"):
             args.overrides.append(item)
         elif args.command == "prep" and not item.startswith("-"):
             args.inputs.append(item)

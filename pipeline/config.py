@@ -6,6 +6,7 @@ Any unknown key, wrong type or impossible value stops before any work with one l
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal
 
 import yaml
@@ -152,6 +153,14 @@ def _format_error(err: ValidationError, where: str) -> str:
     return f"{where}: {key}: {msg}{extra}"
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a command-line word that is a ``section.key=value`` override
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line words that look like ``section.key=value`` are overrides; the rest are positional inputs."""
+    return [i for i in items if not OVERRIDE.match(i)], [i for i in items if OVERRIDE.match(i)]
+
+
 def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"command line: override {text!r} is not key=value")
@@ -173,7 +182,7 @@ def _set(tree: dict, path: list[str], value, where: str) -> None:
     node[path[-1]] = value
 
 
-_ENV = __import__("re").compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _expand_env(node, where: str, key: str = ""):

@@ -10,11 +10,9 @@ by the driver (the job's entrypoint process). Exit 0 on success, 2 on bad input 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
-
+from pipeline.config import split_overrides
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ray_jobs.prep", description=__doc__.splitlines()[0])
@@ -25,8 +23,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--engine", choices=["ray", "local"], default="ray")
     p.add_argument("--workers", type=int)
     args = p.parse_intermixed_args(argv)  # inputs and overrides may come before or after the options
-    args.inputs = [i for i in args.items if not _OVERRIDE.match(i)]
-    args.overrides = [i for i in args.items if _OVERRIDE.match(i)]
+    args.inputs, args.overrides = split_overrides(args.items)
     return args
 
 

@@ -29,15 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import _OVERRIDE, USER_ERRORS
-    from pipeline.config import load_config
+    from pipeline.cli import USER_ERRORS
+    from pipeline.config import OVERRIDE, load_config
     from pipeline.training.launch import TrainingFailed
     from pipeline.training.ray_train import ray_train
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     for item in extra:  # overrides may follow options
-        if not _OVERRIDE.match(item):
+        if not OVERRIDE.match(item):
             parser.error(f"unrecognized argument: {item}")
         args.overrides.append(item)
     try:

@@ -36,3 +36,27 @@ def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU they lose a lot."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, shared_data) -> str:
+    """Tiny dialogue shards (seq_len 128): 60 PersonaChat + MSC dialogues, prepared once per test session."""
+    from data_prep.prep import prepare
+    from pipeline.config import load_config
+
+    out = tmp_path_factory.mktemp("data") / "shards"
+    cfg = load_config(None, ["data.seq_len=128", "data.max_dialogues=60", "data.engine=local"])
+    prepare([str(shared_data / "personachat" / "valid.json"), str(shared_data / "msc" / "session_2_test.jsonl")],
+            str(out), cfg.data, progress=False)
+    return str(out)

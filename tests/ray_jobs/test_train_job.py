@@ -30,18 +30,6 @@ wandb: {mode: offline}
 """
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, shared_data):
-    from data_prep.prep import prepare
-    from pipeline.config import load_config
-
-    out = tmp_path_factory.mktemp("data") / "shards"
-    cfg = load_config(None, ["data.seq_len=128", "data.max_dialogues=60", "data.engine=local"])
-    prepare([str(shared_data / "personachat" / "valid.json"), str(shared_data / "msc" / "session_2_test.jsonl")],
-            str(out), cfg.data, progress=False)
-    return str(out)
-
-
 STEPS, SAVE_EVERY = 12, 3
 
 

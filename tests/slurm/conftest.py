@@ -13,17 +13,6 @@ wandb: {mode: offline}
 
 
 @pytest.fixture(scope="session")
-def shards(tmp_path_factory, shared_data):
-    from data_prep.prep import prepare
-    from pipeline.config import load_config
-
-    out = tmp_path_factory.mktemp("data") / "shards"
-    cfg = load_config(None, ["data.seq_len=128", "data.max_dialogues=40", "data.engine=local"])
-    prepare([str(shared_data / "personachat" / "valid.json")], str(out), cfg.data, progress=False)
-    return str(out)
-
-
-@pytest.fixture(scope="session")
 def recipe(tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
     path.write_text(TINY_YAML)

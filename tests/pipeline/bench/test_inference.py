@@ -6,15 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only cost here
 
 
 @pytest.fixture(scope="module")

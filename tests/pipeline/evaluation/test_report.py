@@ -16,13 +16,7 @@ import torch
 from tests.repo import REPO
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only cost here
 
 
 def test_scores_equal_direct_library_calls(shared_data, tmp_path):

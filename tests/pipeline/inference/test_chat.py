@@ -16,17 +16,11 @@ from pipeline.inference.chat import encode, run_chat
 from pipeline.modeling.loader import export_random_model, load_chat_model
 from pipeline.config import ChatConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only cost here
+
+
 TURNS = ["Hi there, how are you?", "I love hiking in the mountains with my dog.", "What did I say I love?"]
 CACHE_LINE = re.compile(r"^\[cache: (\d+) positions, (\d+) bytes K/V .*, (\w+), after (\d+) utterances / (\d+) tokens\]$")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ from pipeline.attention.masks import dense_mask
 from pipeline.modeling.loader import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only cost here
 
 
 def _model(tokenizer, layers: int, seed: int = 0):

@@ -23,17 +23,6 @@ TINY = ["data.seq_len=128", "model.max_position_embeddings=512", "model.hidden_s
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, shared_data):
-    from data_prep.prep import prepare
-
-    out = tmp_path_factory.mktemp("data") / "shards"
-    cfg = load_config(None, ["data.seq_len=128", "data.max_dialogues=60", "data.engine=local"])
-    prepare([str(shared_data / "personachat" / "valid.json"), str(shared_data / "msc" / "session_2_test.jsonl")],
-            str(out), cfg.data, progress=False)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def eval_shards(tmp_path_factory, shared_data):
     """Held-apart dialogues (a file the training shards do not use)."""
     from data_prep.prep import prepare
