@@ -1,8 +1,9 @@
 """One conversation decoded turn by turn against a policy-pruned KV cache, and several decoded together.
 
 ``Conversation`` owns its state (the store, the positions, the utterance index); the policy
-(``pipeline.inference.policies``) decides what the store keeps; the store (``pipeline.inference.kv_store``) holds
-the keys and values.
+(``pipeline.inference.policies``) decides what the store keeps, from metadata alone, and the conversation applies
+that decision (pruning, or re-encoding recent history with its own forward); the store
+(``pipeline.inference.kv_store``) holds the keys and values.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import copy
 import torch
 
 from pipeline.inference.kv_store import BatchStreamAttention, KVStore, Rope, StreamAttention
-from pipeline.inference.policies import CacheSettings, make_policy
+from pipeline.inference.policies import CacheFacts, CacheSettings, Decision, Keep, Reencode, make_policy
 
 
 class Conversation:
@@ -63,8 +64,8 @@ class Conversation:
     @torch.no_grad()
     def forward(self, token_ids: list[int], eou: list[bool], utts: list[int], positions: list[int], record: bool = True,
                 logits_to_keep: int = 0) -> torch.Tensor:
-        """Run tokens through the model against the cache, then cache them; returns logits ``(n, V)`` (the last
-        ``logits_to_keep`` rows only when it is > 0)."""
+        """Run tokens through the model against the cache, cache them, then prune as the policy decides; returns
+        logits ``(n, V)`` (the last ``logits_to_keep`` rows only when it is > 0)."""
         n = len(token_ids)
         device = self.model.device
         absolute = torch.tensor(positions)
@@ -75,8 +76,30 @@ class Conversation:
         self.store.commit(absolute, torch.tensor(utts), torch.tensor(eou), rope_pos=rope)
         if record:
             self.history += list(zip(token_ids, utts, eou, positions))
-        self.policy.after_forward(self)
+        self._after_forward()
         return out.logits[0]
+
+    def _facts(self) -> CacheFacts:
+        """What the policy gets to read: the store's metadata and where the conversation stands."""
+        return CacheFacts(utt=self.store.utt, eou=self.store.eou, utterance=self.utt,
+                          history_tokens=len(self.history))
+
+    def _after_forward(self) -> None:
+        self._apply(self.policy.after_forward(self._facts()))
+
+    def _apply(self, decision: Decision) -> None:
+        """Carry out a policy's decision on this conversation's cache."""
+        if isinstance(decision, Keep):
+            self.store.keep(decision.index)
+        elif isinstance(decision, Reencode):
+            self.store.clear()
+            history = self.history[max(0, len(self.history) - decision.tokens):] if decision.tokens > 0 else []
+            if history:
+                tokens, utts, eous, positions = zip(*history)
+                self.forward(list(tokens), list(eous), utts=list(utts), positions=list(positions), record=False,
+                             logits_to_keep=1)  # the re-encoding needs no logits
+        elif decision is not None:
+            raise TypeError(f"unknown cache decision {decision!r}")
 
     def _feed(self, token_ids: list[int], eou: list[bool], logits_to_keep: int = 0) -> torch.Tensor:
         """New tokens of the current utterance, at the next absolute positions."""
@@ -87,7 +110,7 @@ class Conversation:
 
     def start_utterance(self) -> None:
         self.utt += 1
-        self.policy.before_utterance(self, self.utt)
+        self._apply(self.policy.before_utterance(self._facts()))
         self.in_utterance = True
 
     def add_utterance(self, token_ids: list[int], all_logits: bool = True) -> torch.Tensor:
@@ -178,7 +201,7 @@ def decode_step(convs: list[Conversation], tokens: list[int]) -> torch.Tensor:
                           rope_pos=torch.tensor([rope[b]]))
         conv.history.append((token, conv.utt, is_eou, absolute[b]))
         conv.next_position += 1
-        conv.policy.after_forward(conv)
+        conv._after_forward()
         if is_eou:
             conv.in_utterance = False
             conv.last_logits = logits[b]
