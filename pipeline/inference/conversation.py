@@ -1,8 +1,9 @@
 """One conversation decoded turn by turn against a policy-pruned KV cache, and several decoded together.
 
 ``Conversation`` owns its state (the store, the positions, the utterance index); the policy
-(``pipeline.inference.policies``) decides what the store keeps; the store (``pipeline.inference.kv_store``) holds
-the keys and values.
+(``pipeline.inference.policies``) decides what the store keeps, from metadata alone, and the conversation applies
+that decision (pruning, or re-encoding recent history with its own forward); the store
+(``pipeline.inference.kv_store``) holds the keys and values.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import copy
 import torch
 
 from pipeline.inference.kv_store import BatchStreamAttention, KVStore, Rope, StreamAttention
-from pipeline.inference.policies import CacheSettings, make_policy
+from pipeline.inference.policies import CacheFacts, CacheSettings, Decision, Keep, Reencode, make_policy
 
 
 class Conversation:
@@ -55,16 +56,15 @@ class Conversation:
         new.history = list(self.history)
         return new
 
-    def _rope_positions(self, n: int) -> torch.Tensor:
-        if self.positions == "cache":
-            return torch.arange(len(self.store), len(self.store) + n)
-        return torch.arange(self.next_position, self.next_position + n)
+    def next_rope_position(self) -> int:
+        """The rotary position the next new token takes: its index in the cache, or its absolute position."""
+        return len(self.store) if self.positions == "cache" else self.next_position
 
     @torch.no_grad()
     def forward(self, token_ids: list[int], eou: list[bool], utts: list[int], positions: list[int], record: bool = True,
                 logits_to_keep: int = 0) -> torch.Tensor:
-        """Run tokens through the model against the cache, then cache them; returns logits ``(n, V)`` (the last
-        ``logits_to_keep`` rows only when it is > 0)."""
+        """Run tokens through the model against the cache, cache them, then prune as the policy decides; returns
+        logits ``(n, V)`` (the last ``logits_to_keep`` rows only when it is > 0)."""
         n = len(token_ids)
         device = self.model.device
         absolute = torch.tensor(positions)
@@ -72,11 +72,36 @@ class Conversation:
         self.attn.begin(rope, device)
         out = self.model(input_ids=torch.tensor([token_ids], device=device), position_ids=rope[None].to(device),
                          convsink_attn=self.attn, use_cache=False, logits_to_keep=logits_to_keep)
-        self.store.commit(absolute, torch.tensor(utts), torch.tensor(eou), rope_pos=rope)
+        self._commit(token_ids, utts, eou, positions, rope, record)
+        return out.logits[0]
+
+    def _commit(self, token_ids: list[int], utts: list[int], eou: list[bool], positions: list[int],
+                rope: torch.Tensor, record: bool = True) -> None:
+        """Cache what the last forward staged in the store, with its metadata ``(n,)``; record it in the history;
+        then prune as the policy decides."""
+        self.store.commit(torch.tensor(positions), torch.tensor(utts), torch.tensor(eou), rope_pos=rope)
         if record:
             self.history += list(zip(token_ids, utts, eou, positions))
-        self.policy.after_forward(self)
-        return out.logits[0]
+        self._apply(self.policy.after_forward(self._facts()))
+
+    def _facts(self) -> CacheFacts:
+        """What the policy gets to read: the store's metadata and where the conversation stands."""
+        return CacheFacts(utt=self.store.utt, eou=self.store.eou, utterance=self.utt,
+                          history_tokens=len(self.history))
+
+    def _apply(self, decision: Decision) -> None:
+        """Carry out a policy's decision on this conversation's cache."""
+        if isinstance(decision, Keep):
+            self.store.keep(decision.index)
+        elif isinstance(decision, Reencode):
+            self.store.clear()
+            history = self.history[max(0, len(self.history) - decision.tokens):] if decision.tokens > 0 else []
+            if history:
+                tokens, utts, eous, positions = zip(*history)
+                self.forward(list(tokens), list(eous), utts=list(utts), positions=list(positions), record=False,
+                             logits_to_keep=1)  # the re-encoding needs no logits
+        elif decision is not None:
+            raise TypeError(f"unknown cache decision {decision!r}")
 
     def _feed(self, token_ids: list[int], eou: list[bool], logits_to_keep: int = 0) -> torch.Tensor:
         """New tokens of the current utterance, at the next absolute positions."""
@@ -87,7 +112,7 @@ class Conversation:
 
     def start_utterance(self) -> None:
         self.utt += 1
-        self.policy.before_utterance(self, self.utt)
+        self._apply(self.policy.before_utterance(self._facts()))
         self.in_utterance = True
 
     def add_utterance(self, token_ids: list[int], all_logits: bool = True) -> torch.Tensor:
@@ -126,6 +151,25 @@ class Conversation:
             self.last_logits = logits
         return logits
 
+    def begin_token(self) -> int:
+        """First half of a batched one-token step (``decode_step``): open an utterance if none is open (the policy
+        prunes or re-encodes here); returns the token's rotary position. The batched forward then stages the
+        token's keys/values in ``self.store`` and ``end_token`` caches them."""
+        if not self.in_utterance:
+            self.start_utterance()
+        return self.next_rope_position()
+
+    def end_token(self, token: int, logits: torch.Tensor) -> None:
+        """Second half: cache the token the batched forward staged, record it, let the policy prune; an EoU closes
+        the utterance and its logits ``(V,)`` become ``last_logits``."""
+        rope = torch.tensor([self.next_rope_position()])  # the store has not grown since begin_token
+        is_eou = token == self.eou_id
+        self._commit([token], [self.utt], [is_eou], [self.next_position], rope)
+        self.next_position += 1
+        if is_eou:
+            self.in_utterance = False
+            self.last_logits = logits
+
     def generate(self, last_logits: torch.Tensor | None = None, max_new_tokens: int = 48, temperature: float = 0.0,
                  top_k: int = 0, generator: torch.Generator | None = None, on_token=None,
                  min_new_tokens: int = 0) -> list[int]:
@@ -158,30 +202,18 @@ class Conversation:
 @torch.no_grad()
 def decode_step(convs: list[Conversation], tokens: list[int]) -> torch.Tensor:
     """Feed one token to each conversation in one batched forward; returns logits ``(B, V)``. Each conversation
-    keeps its own policy, positions and cache (utterance starts, pruning and re-encoding happen per row)."""
+    keeps its own policy, positions and cache (utterance starts, pruning and re-encoding happen per row, inside
+    the conversations' ``begin_token`` / ``end_token``)."""
     model = convs[0].model
-    rope, absolute = [], []
-    for conv in convs:
-        if not conv.in_utterance:
-            conv.start_utterance()
-        rope.append(int(conv._rope_positions(1)[0]))
-        absolute.append(conv.next_position)
+    rope = [conv.begin_token() for conv in convs]
     device = model.device
     attn = BatchStreamAttention([c.store for c in convs])
     attn.begin(rope, device)
     out = model(input_ids=torch.tensor(tokens, device=device)[:, None], position_ids=torch.tensor(rope, device=device)[:, None],
                 convsink_attn=attn, use_cache=False)
-    logits = out.logits[:, -1]
-    for b, (conv, token) in enumerate(zip(convs, tokens)):
-        is_eou = token == conv.eou_id
-        conv.store.commit(torch.tensor([absolute[b]]), torch.tensor([conv.utt]), torch.tensor([is_eou]),
-                          rope_pos=torch.tensor([rope[b]]))
-        conv.history.append((token, conv.utt, is_eou, absolute[b]))
-        conv.next_position += 1
-        conv.policy.after_forward(conv)
-        if is_eou:
-            conv.in_utterance = False
-            conv.last_logits = logits[b]
+    logits = out.logits[:, -1]  # (B, V)
+    for conv, token, row in zip(convs, tokens, logits):
+        conv.end_token(token, row)
     return logits
 
 

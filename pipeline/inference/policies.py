@@ -15,20 +15,64 @@
   are re-encoded from scratch (dense attention, positions 0..w-1), then the utterance continues on top of them: the
   "dense attention with recomputation" baseline of the paper's 4x / 18x claim.
 
-Shapes: cached keys/values per layer ``(1, Hkv, S, D)``; metadata per cached position ``(S,)``.
+A policy only decides. Its two hooks, ``before_utterance`` (an utterance starts) and ``after_forward`` (tokens were
+just cached), read a ``CacheFacts`` (plain metadata, no model, no conversation) and return a decision: ``None``
+(keep everything), ``Keep`` (a boolean index over the cached positions) or ``Reencode`` (drop the cache and
+re-encode the last n tokens of the conversation). The ``Conversation`` applies it (it prunes its store and runs any
+re-encoding forward itself).
+
+Shapes: metadata per cached position ``(S,)``; a keep index ``(S,)`` bool.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol, Union
 
 import torch
 
-if TYPE_CHECKING:
-    from pipeline.inference.conversation import Conversation
-
 POLICIES = ("dense", "streamingllm", "streamingdialogue", "recompute")
+
+
+@dataclass(frozen=True)
+class CacheFacts:
+    """What a policy may read (it must not change the tensors): the metadata of each cached position and where the
+    conversation stands."""
+
+    utt: torch.Tensor  # (S,) long: utterance index of each cached position (BOS 0)
+    eou: torch.Tensor  # (S,) bool: the position is an EoU
+    utterance: int  # index of the current utterance (the one just started, in before_utterance)
+    history_tokens: int  # tokens the conversation has had so far (BOS included), cached or not
+
+    def __len__(self) -> int:
+        return int(self.utt.numel())
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Keep only the cached positions where ``index`` ``(S,)`` is True (order preserved)."""
+
+    index: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Reencode:
+    """Drop the whole cache, then re-encode the last ``tokens`` tokens of the conversation's history."""
+
+    tokens: int
+
+
+Decision = Union[Keep, Reencode, None]  # None: keep everything
+
+
+class CachePolicy(Protocol):
+    """What every policy has: a name (one of ``POLICIES``) and two hooks that read facts and return a decision."""
+
+    name: str
+
+    def before_utterance(self, cache: CacheFacts) -> Decision: ...
+
+    def after_forward(self, cache: CacheFacts) -> Decision: ...
 
 
 class DensePolicy:
@@ -36,25 +80,28 @@ class DensePolicy:
 
     name = "dense"
 
-    def before_utterance(self, conv: "Conversation", utt: int) -> None:
-        pass
+    def before_utterance(self, cache: CacheFacts) -> Decision:
+        return None
 
-    def after_forward(self, conv: "Conversation") -> None:
-        pass
+    def after_forward(self, cache: CacheFacts) -> Decision:
+        return None
 
 
-class StreamingDialoguePolicy(DensePolicy):
-    """When utterance ``utt`` starts: keep BOS (utt 0), every EoU, and the tokens of utterance ``utt - 1``."""
+class StreamingDialoguePolicy:
+    """When utterance ``u`` starts: keep BOS (utt 0), every EoU, and the tokens of utterance ``u - 1``."""
 
     name = "streamingdialogue"
 
-    def before_utterance(self, conv, utt: int) -> None:
-        st = conv.store
-        if len(st):
-            st.keep((st.utt == 0) | st.eou | (st.utt >= utt - 1))
+    def before_utterance(self, cache: CacheFacts) -> Decision:
+        if not len(cache):
+            return None
+        return Keep((cache.utt == 0) | cache.eou | (cache.utt >= cache.utterance - 1))
+
+    def after_forward(self, cache: CacheFacts) -> Decision:
+        return None
 
 
-class StreamingLLMPolicy(DensePolicy):
+class StreamingLLMPolicy:
     """After every forward: keep the first ``sink_tokens`` and the last ``window`` cached tokens."""
 
     name = "streamingllm"
@@ -62,14 +109,18 @@ class StreamingLLMPolicy(DensePolicy):
     def __init__(self, sink_tokens: int = 4, window: int = 256):
         self.sink_tokens, self.window = sink_tokens, window
 
-    def after_forward(self, conv) -> None:
-        n = len(conv.store)
-        if n > self.sink_tokens + self.window:
-            idx = torch.arange(n)
-            conv.store.keep((idx < self.sink_tokens) | (idx >= n - self.window))
+    def before_utterance(self, cache: CacheFacts) -> Decision:
+        return None
+
+    def after_forward(self, cache: CacheFacts) -> Decision:
+        n = len(cache)
+        if n <= self.sink_tokens + self.window:
+            return None
+        idx = torch.arange(n)
+        return Keep((idx < self.sink_tokens) | (idx >= n - self.window))
 
 
-class RecomputePolicy(DensePolicy):
+class RecomputePolicy:
     """When an utterance starts: drop the cache and re-encode the last ``window`` tokens of the conversation."""
 
     name = "recompute"
@@ -77,16 +128,14 @@ class RecomputePolicy(DensePolicy):
     def __init__(self, window: int = 256):
         self.window = window
 
-    def before_utterance(self, conv, utt: int) -> None:
-        conv.store.clear()
-        history = conv.history[-self.window:]
-        if history:
-            tokens, utts, eous, positions = zip(*history)
-            conv.forward(list(tokens), list(eous), utts=list(utts), positions=list(positions), record=False,
-                         logits_to_keep=1)  # the re-encoding needs no logits
+    def before_utterance(self, cache: CacheFacts) -> Decision:
+        return Reencode(min(self.window, cache.history_tokens))
+
+    def after_forward(self, cache: CacheFacts) -> Decision:
+        return None
 
 
-def make_policy(name: str, sink_tokens: int = 4, window: int = 256):
+def make_policy(name: str, sink_tokens: int = 4, window: int = 256) -> CachePolicy:
     if name == "dense":
         return DensePolicy()
     if name == "streamingdialogue":

@@ -213,6 +213,20 @@ def test_add_utterance_last_logits_only(two_layer, utts):
         torch.testing.assert_close(last[0], full[-1], atol=1e-5, rtol=0)
 
 
+def test_decode_step_only_orchestrates():
+    """decode_step runs the batched forward and calls the conversations' public methods: it assigns no attribute
+    of another object and calls no private method (each conversation changes its own state)."""
+    import ast
+    import inspect
+
+    from pipeline.inference import conversation
+
+    tree = ast.parse(inspect.getsource(conversation.decode_step))
+    stores = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.ctx, (ast.Store, ast.Del))]
+    private = [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")]
+    assert not stores and not private, (stores, private)
+
+
 def test_cache_settings_precedence():
     info = {"cache": {"policy": "dense", "positions": "cache", "sink_tokens": 2, "window": 64}}
     assert CacheSettings.resolve(ChatConfig(), info) == CacheSettings("dense", "cache", 2, 64)

@@ -1,14 +1,18 @@
-"""Cache policies: what each holds after every turn, StreamingLLM with a covering window equals dense, and key
-re-rotation equals RoPE applied at the new positions."""
+"""Cache policies: their decisions from plain metadata alone, what each holds after every turn, StreamingLLM with a
+covering window equals dense, and key re-rotation equals RoPE applied at the new positions."""
 
 from __future__ import annotations
+
+import ast
 
 import pytest
 import torch
 
 from data_prep.tokenizer_loading import prepare_tokenizer
+from pipeline.inference import policies
 from pipeline.inference.conversation import Conversation
 from pipeline.inference.kv_store import KVStore
+from pipeline.inference.policies import CacheFacts, Keep, Reencode, make_policy
 from pipeline.config import ModelConfig
 from pipeline.modeling.loader import build_model
 
@@ -23,6 +27,44 @@ def setup(tokenizer, shared_data):
     d = next(iter(iter_dialogues(str(shared_data / "msc" / "session_2_test.jsonl"), "msc")))
     utts = [tokenizer(t.text, add_special_tokens=False)["input_ids"] for t in d.turns[:10]]
     return model, ids, utts
+
+
+def test_policies_decide_from_plain_metadata_alone():
+    """No model and no conversation: each hook reads a CacheFacts and returns the decision the policy stands for."""
+    # cached: BOS | utt 1 (3 tokens + EoU) | utt 2 (1 + EoU) | utt 3 (2 + EoU); utterance 4 has just started
+    utt = torch.tensor([0, 1, 1, 1, 1, 2, 2, 3, 3, 3])
+    eou = torch.tensor([False, False, False, False, True, False, True, False, False, True])
+    facts = CacheFacts(utt=utt, eou=eou, utterance=4, history_tokens=25)
+    pols = {name: make_policy(name, sink_tokens=2, window=3) for name in policies.POLICIES}
+    for name, policy in pols.items():
+        assert policy.name == name
+        assert all(isinstance(v, int) for v in vars(policy).values()), name  # holds settings, nothing else
+
+    def kept(decision) -> list[int]:
+        assert isinstance(decision, Keep) and decision.index.dtype == torch.bool and len(decision.index) == len(utt)
+        return decision.index.nonzero().squeeze(1).tolist()
+
+    assert pols["dense"].before_utterance(facts) is None and pols["dense"].after_forward(facts) is None
+    sd = pols["streamingdialogue"]
+    assert kept(sd.before_utterance(facts)) == [0, 4, 6, 7, 8, 9]  # BOS + EoUs + utterance 3 (= 4 - 1)
+    assert sd.after_forward(facts) is None
+    assert sd.before_utterance(CacheFacts(utt[:0], eou[:0], utterance=1, history_tokens=0)) is None
+    sllm = pols["streamingllm"]
+    assert sllm.before_utterance(facts) is None
+    assert kept(sllm.after_forward(facts)) == [0, 1, 7, 8, 9]  # the first 2 + the last 3
+    assert sllm.after_forward(CacheFacts(utt[:5], eou[:5], utterance=1, history_tokens=5)) is None  # 5 <= 2 + 3
+    rc = pols["recompute"]
+    assert rc.before_utterance(facts) == Reencode(3) and rc.after_forward(facts) is None
+    assert rc.before_utterance(CacheFacts(utt[:2], eou[:2], utterance=1, history_tokens=2)) == Reencode(2)
+    assert torch.equal(facts.utt, utt) and torch.equal(facts.eou, eou)  # read, not changed
+
+
+def test_policies_module_imports_no_conversation_or_model():
+    """Every import in policies.py (top level, TYPE_CHECKING blocks, inside functions): only torch and the stdlib."""
+    tree = ast.parse(open(policies.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert imported <= {"__future__", "dataclasses", "typing", "torch"}, imported
 
 
 def test_streamingllm_with_covering_window_equals_dense(setup):
