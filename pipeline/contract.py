@@ -60,7 +60,7 @@ __all__ = ["BASELINE_MASKS", "BIGBIRD", "BLK", "CAUSAL", "DIALOGUE", "DIALOGUE_I
            "STREAMINGLLM", "TASKS", "TENSOR_COLUMNS", "UTT_IDS", "TARGETS", "ROWS", "ATTENTION_IMPLS", "AUTO",
            "DENSE", "SINK", "FLEX", "CACHE_POLICIES", "DENSE_CACHE", "STREAMINGLLM_CACHE", "STREAMINGDIALOGUE_CACHE",
            "RECOMPUTE_CACHE", "CACHE_POSITIONS", "ABSOLUTE", "CACHE_FRAME", "targets_from_labels",
-           "batch_from_rows", "ExportInfo", "EXPORT_INFO_FILE"]
+           "batch_from_rows", "CacheSettings", "ExportInfo", "EXPORT_INFO_FILE"]
 
 TARGETS, ROWS = "targets", "rows"  # batch keys beyond the shard columns
 
@@ -103,6 +103,41 @@ def batch_from_rows(arrays: dict, mask_kind: list, rows: list[int], real: list[b
     batch[MASK_KIND] = [mask_kind[r] for r in rows]
     batch[ROWS] = list(rows)
     return batch
+
+
+# -- the cache a conversation is served with ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What a conversation's cache does: the ``cache`` section of convsink.json, or ``chat:`` of a recipe."""
+
+    policy: str = STREAMINGDIALOGUE_CACHE
+    positions: str = ABSOLUTE
+    sink_tokens: int = 4
+    window: int = 256
+
+    def __post_init__(self):
+        if self.policy not in CACHE_POLICIES:
+            raise ValueError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(CACHE_POLICIES)}")
+        if self.positions not in CACHE_POSITIONS:
+            raise ValueError(f"unknown cache positions {self.positions!r}; choose absolute or cache")
+
+    @classmethod
+    def resolve(cls, chat_cfg=None, info: ExportInfo | None = None, policy: str | None = None) -> "CacheSettings":
+        """Precedence: ``policy`` argument > fields set explicitly in ``chat_cfg`` (recipe / overrides) > the model's
+        convsink.json ``cache`` section > ``chat_cfg`` defaults."""
+        exported = dict(info.cache if info is not None else {})
+        values = {}
+        for name, cfg_name in (("policy", "cache"), ("positions", "positions"), ("sink_tokens", "sink_tokens"),
+                               ("window", "window")):
+            explicit = chat_cfg is not None and cfg_name in chat_cfg.model_fields_set
+            if explicit or name not in exported:
+                values[name] = getattr(chat_cfg, cfg_name) if chat_cfg is not None else getattr(cls(), name)
+            else:
+                values[name] = exported[name]
+        if policy is not None:
+            values["policy"] = policy
+        return cls(**values)
 
 
 # -- the exported folder -------------------------------------------------------------------------------------------

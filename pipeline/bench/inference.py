@@ -82,7 +82,7 @@ def bench_inference(model_dir: str = "tiny", out: str = "bench/inference_tiny.js
     model, tok, info = load_chat_model(model_dir)
     convo = long_conversation(tok, data_dir or shared_data_dir(), utterances[-1])
     recompute_window = recompute_window or window
-    convs = {p: Conversation(model, info["bos_token_id"], info["eou_token_id"], p, sink_tokens=sink_tokens,
+    convs = {p: Conversation(model, info.bos_token_id, info.eou_token_id, p, sink_tokens=sink_tokens,
                              window=recompute_window if p == RECOMPUTE_CACHE else window)
              for p in policies}
     spent = {p: 0.0 for p in policies}  # seconds each policy has taken so far (its time budget)

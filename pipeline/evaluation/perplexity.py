@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.tokenizer_loading import encode_utterances
+from pipeline.contract import ExportInfo
 
 PPL_PROTOCOL = ("ppl = exp(mean over dialogues of the per-dialogue mean token NLL over utterances 2..n, EoUs "
                 "included); ppl_token_weighted = exp(mean over all scored tokens)")
@@ -75,17 +76,17 @@ def perplexity(model, tokenizer, dialogues: list, ids, mask: str, max_tokens: in
 
 
 @torch.no_grad()
-def cache_perplexity(model, tokenizer, dialogues: list, info: dict, settings, max_tokens: int = 2048) -> dict:
+def cache_perplexity(model, tokenizer, dialogues: list, info: ExportInfo, settings, max_tokens: int = 2048) -> dict:
     """The same perplexity, teacher-forcing each utterance (one forward per utterance) through the cache."""
     from pipeline.inference.conversation import Conversation
 
     per_dialogue = []
     for _, utts in tokenized(tokenizer, dialogues, max_tokens):
         conv = Conversation.from_settings(model, info, settings)
-        rows, input_ids, utt_ids = [conv.bos_logits[None]], [info["bos_token_id"]], [0]
+        rows, input_ids, utt_ids = [conv.bos_logits[None]], [info.bos_token_id], [0]
         for i, u in enumerate(utts, start=1):
             rows.append(conv.add_utterance(u))
-            input_ids += list(u) + [info["eou_token_id"]]
+            input_ids += list(u) + [info.eou_token_id]
             utt_ids += [i] * (len(u) + 1)
         per_dialogue.append(scored_nll(torch.cat(rows), input_ids, utt_ids))
     return _summary(per_dialogue, cache=settings.policy, positions=settings.positions)

@@ -4,12 +4,13 @@ match (after whitespace normalisation) and token F1 (lower-cased whitespace toke
 
 from __future__ import annotations
 
+from pipeline.contract import ExportInfo
 from pipeline.evaluation.metrics import token_f1
 
 RECALL_PROMPT = "Can you repeat exactly the first thing that was said in this conversation?"
 
 
-def _continue_batch(model, tokenizer, info: dict, settings, histories: list[list[str]], max_new_tokens: int,
+def _continue_batch(model, tokenizer, info: ExportInfo, settings, histories: list[list[str]], max_new_tokens: int,
                     batch_size: int) -> list[str]:
     """For each history (utterance texts): teacher-force it, then generate the next utterance (greedy)."""
     from pipeline.inference.conversation import Conversation, generate_batch
@@ -26,7 +27,7 @@ def _continue_batch(model, tokenizer, info: dict, settings, histories: list[list
     return out
 
 
-def generate_and_probe(model, tokenizer, dialogues: list, info: dict, settings, max_new_tokens: int, recall_after: int,
+def generate_and_probe(model, tokenizer, dialogues: list, info: ExportInfo, settings, max_new_tokens: int, recall_after: int,
                        batch_size: int = 8) -> dict:
     """Generate the last utterance of each dialogue from the others; recall probe on dialogues longer than
     ``recall_after`` turns."""

@@ -45,8 +45,7 @@ def evaluate_model(model_dir: str, data: list[str], out: str, cache: str | None 
     """Perplexity (under ``mask`` and through the cache), generation of each dialogue's last utterance with the
     cache policy (``cache``, else chat_cfg / convsink.json, see ``CacheSettings.resolve``), text metrics and the
     recall probe; writes ``out`` (JSON) and a Markdown table next to it."""
-    from data_prep.tokenizer_loading import SpecialIds
-    from pipeline.inference.policies import CacheSettings
+    from pipeline.contract import CacheSettings
     from pipeline.modeling.loader import load_chat_model
 
     dialogues = load_dialogues(data, limit)
@@ -54,10 +53,10 @@ def evaluate_model(model_dir: str, data: list[str], out: str, cache: str | None 
         raise ValueError(f"{', '.join(data)}: no dialogues")
     model, tokenizer, info = load_chat_model(model_dir)
     settings = CacheSettings.resolve(chat_cfg, info, policy=cache)
-    ids = SpecialIds(info["bos_token_id"], info["eou_token_id"], info["pad_token_id"])
+    ids = info.special_ids
     result = {"model": model_dir if model_dir in ("smollm2", "tiny") else os.path.abspath(model_dir), "data": list(data),
               "limit": limit, "cache": asdict(settings), "max_new_tokens": max_new_tokens,
-              "perplexity": perplexity(model, tokenizer, dialogues, ids, mask, max_tokens, info.get("mask")),
+              "perplexity": perplexity(model, tokenizer, dialogues, ids, mask, max_tokens, info.mask),
               "perplexity_cache": cache_perplexity(model, tokenizer, dialogues, info, settings, max_tokens)}
     gen = generate_and_probe(model, tokenizer, dialogues, info, settings, max_new_tokens, recall_after, batch_size)
     references = [d.turns[-1].text for d in dialogues]

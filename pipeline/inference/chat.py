@@ -9,8 +9,8 @@ import sys
 import torch
 
 from pipeline.config import ChatConfig
+from pipeline.contract import CacheSettings
 from pipeline.inference.conversation import Conversation
-from pipeline.inference.policies import CacheSettings
 from pipeline.modeling.loader import load_chat_model
 
 

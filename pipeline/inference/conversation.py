@@ -12,8 +12,18 @@ import copy
 
 import torch
 
+from pipeline.contract import (
+    ABSOLUTE,
+    CACHE_FRAME,
+    CACHE_POSITIONS,
+    RECOMPUTE_CACHE,
+    STREAMINGDIALOGUE_CACHE,
+    STREAMINGLLM_CACHE,
+    CacheSettings,
+    ExportInfo,
+)
 from pipeline.inference.kv_store import BatchStreamAttention, KVStore, Rope, StreamAttention
-from pipeline.inference.policies import CacheFacts, CacheSettings, Decision, Keep, Reencode, make_policy
+from pipeline.inference.policies import CacheFacts, Decision, Keep, Reencode, make_policy
 
 
 class Conversation:
@@ -23,17 +33,17 @@ class Conversation:
     cache frame (a token is rotated at its index in the cache). streamingllm and recompute always use the cache
     frame; dense is the same in both; streamingdialogue uses ``positions``."""
 
-    def __init__(self, model, bos_id: int, eou_id: int, policy="streamingdialogue", positions: str = "absolute",
+    def __init__(self, model, bos_id: int, eou_id: int, policy=STREAMINGDIALOGUE_CACHE, positions: str = ABSOLUTE,
                  sink_tokens: int = 4, window: int = 256):
-        if positions not in ("absolute", "cache"):
+        if positions not in CACHE_POSITIONS:
             raise ValueError(f"unknown cache positions {positions!r}; choose absolute or cache")
         self.model, self.bos_id, self.eou_id = model, bos_id, eou_id
         self.policy = make_policy(policy, sink_tokens, window) if isinstance(policy, str) else policy
         name = self.policy.name
-        cache_frame = name in ("streamingllm", "recompute") or (name == "streamingdialogue" and positions == "cache")
-        self.positions = "cache" if cache_frame else "absolute"
+        cache_frame = name in (STREAMINGLLM_CACHE, RECOMPUTE_CACHE) or (name == STREAMINGDIALOGUE_CACHE and positions == CACHE_FRAME)
+        self.positions = CACHE_FRAME if cache_frame else ABSOLUTE
         # recompute never evicts inside an utterance, so its keys can stay as the model rotated them
-        raw = cache_frame and name != "recompute"
+        raw = cache_frame and name != RECOMPUTE_CACHE
         self.store = KVStore(model.config.num_hidden_layers, raw=raw, rope=Rope(_rotary_of(model)) if raw else None)
         self.attn = StreamAttention(self.store)
         self.history: list[tuple[int, int, bool, int]] = []  # (token, utt, eou, absolute position)
@@ -44,8 +54,8 @@ class Conversation:
         self.bos_logits = self._feed([bos_id], eou=[False])[0]
 
     @classmethod
-    def from_settings(cls, model, info: dict, settings: CacheSettings) -> "Conversation":
-        return cls(model, info["bos_token_id"], info["eou_token_id"], settings.policy, positions=settings.positions,
+    def from_settings(cls, model, info: ExportInfo, settings: CacheSettings) -> "Conversation":
+        return cls(model, info.bos_token_id, info.eou_token_id, settings.policy, positions=settings.positions,
                    sink_tokens=settings.sink_tokens, window=settings.window)
 
     def fork(self) -> "Conversation":
@@ -58,7 +68,7 @@ class Conversation:
 
     def next_rope_position(self) -> int:
         """The rotary position the next new token takes: its index in the cache, or its absolute position."""
-        return len(self.store) if self.positions == "cache" else self.next_position
+        return len(self.store) if self.positions == CACHE_FRAME else self.next_position
 
     @torch.no_grad()
     def forward(self, token_ids: list[int], eou: list[bool], utts: list[int], positions: list[int], record: bool = True,
@@ -68,7 +78,7 @@ class Conversation:
         n = len(token_ids)
         device = self.model.device
         absolute = torch.tensor(positions)
-        rope = torch.arange(len(self.store), len(self.store) + n) if self.positions == "cache" else absolute
+        rope = torch.arange(len(self.store), len(self.store) + n) if self.positions == CACHE_FRAME else absolute
         self.attn.begin(rope, device)
         out = self.model(input_ids=torch.tensor([token_ids], device=device), position_ids=rope[None].to(device),
                          convsink_attn=self.attn, use_cache=False, logits_to_keep=logits_to_keep)
@@ -131,7 +141,7 @@ class Conversation:
     def record_utterance(self, token_ids: list[int]) -> None:
         """Append an utterance to the history without running the model: exact for ``recompute``, whose state at
         the next utterance is rebuilt from the history alone (used to fast-forward benchmarks)."""
-        if self.policy.name != "recompute":
+        if self.policy.name != RECOMPUTE_CACHE:
             raise ValueError("record_utterance is only exact for the recompute policy")
         self.utt += 1
         n = len(token_ids) + 1

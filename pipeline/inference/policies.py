@@ -31,7 +31,15 @@ from typing import Protocol, Union
 
 import torch
 
-POLICIES = ("dense", "streamingllm", "streamingdialogue", "recompute")
+from pipeline.contract import (
+    CACHE_POLICIES,
+    DENSE_CACHE,
+    RECOMPUTE_CACHE,
+    STREAMINGDIALOGUE_CACHE,
+    STREAMINGLLM_CACHE,
+)
+
+POLICIES = CACHE_POLICIES
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class CachePolicy(Protocol):
 class DensePolicy:
     """Keep everything."""
 
-    name = "dense"
+    name = DENSE_CACHE
 
     def before_utterance(self, cache: CacheFacts) -> Decision:
         return None
@@ -90,7 +98,7 @@ class DensePolicy:
 class StreamingDialoguePolicy:
     """When utterance ``u`` starts: keep BOS (utt 0), every EoU, and the tokens of utterance ``u - 1``."""
 
-    name = "streamingdialogue"
+    name = STREAMINGDIALOGUE_CACHE
 
     def before_utterance(self, cache: CacheFacts) -> Decision:
         if not len(cache):
@@ -104,7 +112,7 @@ class StreamingDialoguePolicy:
 class StreamingLLMPolicy:
     """After every forward: keep the first ``sink_tokens`` and the last ``window`` cached tokens."""
 
-    name = "streamingllm"
+    name = STREAMINGLLM_CACHE
 
     def __init__(self, sink_tokens: int = 4, window: int = 256):
         self.sink_tokens, self.window = sink_tokens, window
@@ -123,7 +131,7 @@ class StreamingLLMPolicy:
 class RecomputePolicy:
     """When an utterance starts: drop the cache and re-encode the last ``window`` tokens of the conversation."""
 
-    name = "recompute"
+    name = RECOMPUTE_CACHE
 
     def __init__(self, window: int = 256):
         self.window = window
@@ -136,45 +144,12 @@ class RecomputePolicy:
 
 
 def make_policy(name: str, sink_tokens: int = 4, window: int = 256) -> CachePolicy:
-    if name == "dense":
+    if name == DENSE_CACHE:
         return DensePolicy()
-    if name == "streamingdialogue":
+    if name == STREAMINGDIALOGUE_CACHE:
         return StreamingDialoguePolicy()
-    if name == "streamingllm":
+    if name == STREAMINGLLM_CACHE:
         return StreamingLLMPolicy(sink_tokens, window)
-    if name == "recompute":
+    if name == RECOMPUTE_CACHE:
         return RecomputePolicy(window)
     raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")
-
-
-@dataclass(frozen=True)
-class CacheSettings:
-    """What a conversation's cache does: the ``cache`` section of convsink.json, or ``chat:`` of a recipe."""
-
-    policy: str = "streamingdialogue"
-    positions: str = "absolute"
-    sink_tokens: int = 4
-    window: int = 256
-
-    def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if self.positions not in ("absolute", "cache"):
-            raise ValueError(f"unknown cache positions {self.positions!r}; choose absolute or cache")
-
-    @classmethod
-    def resolve(cls, chat_cfg=None, info: dict | None = None, policy: str | None = None) -> "CacheSettings":
-        """Precedence: ``policy`` argument > fields set explicitly in ``chat_cfg`` (recipe / overrides) > the model's
-        convsink.json ``cache`` section > ``chat_cfg`` defaults."""
-        exported = dict((info or {}).get("cache") or {})
-        values = {}
-        for name, cfg_name in (("policy", "cache"), ("positions", "positions"), ("sink_tokens", "sink_tokens"),
-                               ("window", "window")):
-            explicit = chat_cfg is not None and cfg_name in chat_cfg.model_fields_set
-            if explicit or name not in exported:
-                values[name] = getattr(chat_cfg, cfg_name) if chat_cfg is not None else getattr(cls(), name)
-            else:
-                values[name] = exported[name]
-        if policy is not None:
-            values["policy"] = policy
-        return cls(**values)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 
 import torch
 
 from data_prep.paths import folder_written_atomically
-from data_prep.tokenizer_loading import SpecialIds
 from pipeline.config import RunConfig
+from pipeline.contract import CacheSettings, ExportInfo
 from pipeline.modeling.zero3_consolidate import consolidate_zero3
 from pipeline.training import checkpoint
 
@@ -44,7 +45,7 @@ def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None) -> 
     with open(os.path.join(run_dir, "data.json")) as f:
         data_info = json.load(f)
     tok_meta = data_info["tokenizer"]
-    ids = SpecialIds(bos=tok_meta["bos_id"], eou=tok_meta["eou_id"], pad=tok_meta["pad_id"])
+    ids = ExportInfo.from_manifest(tok_meta).special_ids
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, "tokenizer"))
 
     state = consolidate_zero3(os.path.join(root, tag))
@@ -64,17 +65,10 @@ def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None) -> 
     with folder_written_atomically(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        info = {
-            "version": 1,
-            "bos_token_id": ids.bos, "eou_token_id": ids.eou, "pad_token_id": ids.pad,
-            "eou_token": tokenizer.convert_ids_to_tokens(ids.eou),
-            "mask": cfg.model.mask.model_dump(),
-            "cache": {"policy": cfg.chat.cache, "positions": cfg.chat.positions,
-                      "sink_tokens": cfg.chat.sink_tokens, "window": cfg.chat.window},
-            "source": {"checkpoint": os.path.abspath(os.path.join(root, tag)), "stage": cfg.train.stage},
-        }
-        with open(os.path.join(tmp, "convsink.json"), "w") as f:
-            json.dump(info, f, indent=2)
+        ExportInfo.from_manifest(
+            tok_meta, eou_token=tokenizer.convert_ids_to_tokens(ids.eou), mask=cfg.model.mask.model_dump(),
+            cache=asdict(CacheSettings(cfg.chat.cache, cfg.chat.positions, cfg.chat.sink_tokens, cfg.chat.window)),
+            source={"checkpoint": os.path.abspath(os.path.join(root, tag)), "stage": cfg.train.stage}).write(tmp)
     return out
 
 

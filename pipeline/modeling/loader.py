@@ -15,19 +15,16 @@ convsink cache folder: for smoke runs and benchmarks).
 from __future__ import annotations
 
 import copy
-import json
 import os
-from typing import TYPE_CHECKING
+from dataclasses import asdict
 
 import torch
-
-if TYPE_CHECKING:
-    from pipeline.inference.policies import CacheSettings
 
 from data_prep.paths import cache_dir, folder_written_atomically
 from data_prep.tokenizer_loading import SpecialIds
 from pipeline.attention.registry import register
 from pipeline.config import ModelConfig
+from pipeline.contract import CacheSettings, ExportInfo
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int, ids: SpecialIds):
@@ -103,28 +100,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, ids: SpecialIds, dtype: torch
     return model
 
 
-REQUIRED_KEYS = ("bos_token_id", "eou_token_id")
 
 
-def read_convsink_json(model_dir: str) -> dict:
-    """convsink.json of an exported folder, checked; errors are one line naming the file."""
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"{model_dir}: model folder not found")
-    path = os.path.join(model_dir, "convsink.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{model_dir}: no convsink.json (export a run with `convsink export`, or use --model smollm2)")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"{model_dir}: no config.json (not a Hugging Face model folder)")
-    try:
-        with open(path) as f:
-            info = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    missing = [k for k in REQUIRED_KEYS if not isinstance(info.get(k), int)]
-    if missing:
-        raise ValueError(f"{path}: missing or non-integer {', '.join(missing)}")
-    info.setdefault("pad_token_id", info["eou_token_id"])
-    return info
 
 
 def export_random_model(out_dir: str, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
@@ -133,8 +110,6 @@ def export_random_model(out_dir: str, hidden_size: int = 64, num_layers: int = 2
     for tests, smoke runs and inference benchmarks. The saved config says sdpa, like a real export."""
     from data_prep.tokenizer_loading import load_tokenizer, prepare_tokenizer
     from pipeline.config import MaskConfig, ModelConfig
-    from pipeline.inference.policies import CacheSettings
-    from pipeline.modeling.loader import build_model
 
     tok = load_tokenizer("smollm2")
     ids = prepare_tokenizer(tok)
@@ -145,12 +120,8 @@ def export_random_model(out_dir: str, hidden_size: int = 64, num_layers: int = 2
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
-    c = cache or CacheSettings()
-    info = {"version": 1, "bos_token_id": ids.bos, "eou_token_id": ids.eou, "pad_token_id": ids.pad,
-            "eou_token": tok.convert_ids_to_tokens(ids.eou), "mask": MaskConfig().model_dump(),
-            "cache": {"policy": c.policy, "positions": c.positions, "sink_tokens": c.sink_tokens, "window": c.window}}
-    with open(os.path.join(out_dir, "convsink.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    ExportInfo(ids.bos, ids.eou, ids.pad, eou_token=tok.convert_ids_to_tokens(ids.eou), mask=MaskConfig().model_dump(),
+               cache=asdict(cache or CacheSettings())).write(out_dir)
     return out_dir
 
 
@@ -165,7 +136,7 @@ def tiny_model_dir() -> str:
 
 
 def load_chat_model(model_dir: str):
-    """(model with the 'convsink' attention, tokenizer, convsink.json dict) from an exported folder, 'smollm2' or
+    """(model with the 'convsink' attention, tokenizer, ``ExportInfo``) from an exported folder, 'smollm2' or
     'tiny'."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -173,15 +144,14 @@ def load_chat_model(model_dir: str):
 
     if model_dir == "smollm2":
         from data_prep.tokenizer_loading import load_tokenizer, prepare_tokenizer
-        from pipeline.modeling.loader import smollm2_model_dir
 
         ids = prepare_tokenizer(load_tokenizer("smollm2"))
         model_dir = smollm2_model_dir()
-        info = {"bos_token_id": ids.bos, "eou_token_id": ids.eou, "pad_token_id": ids.pad}
+        info = ExportInfo(ids.bos, ids.eou, ids.pad)
     else:
         if model_dir == "tiny":
             model_dir = tiny_model_dir()
-        info = read_convsink_json(model_dir)
+        info = ExportInfo.read(model_dir)
     register()
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="convsink").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

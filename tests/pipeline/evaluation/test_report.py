@@ -78,14 +78,13 @@ def dialogues(shared_data):
 
 def test_perplexity_is_the_mean_of_per_dialogue_means(tiny, dialogues):
     from data_prep.layout import layout_dialogue
-    from data_prep.tokenizer_loading import SpecialIds
     from pipeline.attention.registry import DenseMaskAttention
-    from pipeline.inference.policies import CacheSettings
+    from pipeline.contract import CacheSettings
     from pipeline.evaluation.perplexity import cache_perplexity, perplexity
     from pipeline.attention.masks import dense_mask
 
     _, model, tok, info = tiny
-    ids = SpecialIds(info["bos_token_id"], info["eou_token_id"], info["pad_token_id"])
+    ids = info.special_ids
     means, total, count = [], 0.0, 0
     for d in dialogues:  # by hand: utterances 2..n with their EoUs, mean per dialogue
         lay = layout_dialogue(d.id, [tok(t.text, add_special_tokens=False)["input_ids"] for t in d.turns], ids)
@@ -116,7 +115,7 @@ def test_perplexity_is_the_mean_of_per_dialogue_means(tiny, dialogues):
 
 
 def test_batched_generation_equals_one_by_one(tiny, dialogues):
-    from pipeline.inference.policies import CacheSettings
+    from pipeline.contract import CacheSettings
     from pipeline.evaluation.recall_probe import generate_and_probe
 
     _, model, tok, info = tiny

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from pipeline.inference.policies import CacheSettings
+from pipeline.contract import CacheSettings
 from pipeline.inference.conversation import Conversation
 from pipeline.inference.chat import encode, run_chat
 from pipeline.modeling.loader import export_random_model, load_chat_model
@@ -127,5 +127,5 @@ def test_reply_hits_max_new_tokens_then_eou_is_appended(exported):
     n = conv.next_position
     reply = conv.generate(None, 4, min_new_tokens=4)
     assert len(reply) == 4 and conv.next_position == n + 5 and not conv.in_utterance
-    assert conv.history[-1][0] == info["eou_token_id"] and bool(conv.store.eou[-1])
+    assert conv.history[-1][0] == info.eou_token_id and bool(conv.store.eou[-1])
     assert torch.isfinite(conv.last_logits).all()

@@ -18,7 +18,7 @@ from data_prep.adapters import iter_dialogues
 from data_prep.layout import layout_dialogue
 from data_prep.tokenizer_loading import prepare_tokenizer
 from pipeline.attention.registry import DenseMaskAttention
-from pipeline.inference.policies import CacheSettings
+from pipeline.contract import CacheSettings, ExportInfo
 from pipeline.inference.conversation import Conversation, decode_step, generate_batch
 from pipeline.config import ChatConfig, ModelConfig
 from pipeline.attention.masks import dense_mask
@@ -228,11 +228,11 @@ def test_decode_step_only_orchestrates():
 
 
 def test_cache_settings_precedence():
-    info = {"cache": {"policy": "dense", "positions": "cache", "sink_tokens": 2, "window": 64}}
+    info = ExportInfo(1, 2, 2, cache={"policy": "dense", "positions": "cache", "sink_tokens": 2, "window": 64})
     assert CacheSettings.resolve(ChatConfig(), info) == CacheSettings("dense", "cache", 2, 64)
     explicit = ChatConfig.model_validate({"cache": "streamingllm", "window": 32})
     assert CacheSettings.resolve(explicit, info) == CacheSettings("streamingllm", "cache", 2, 32)
     assert CacheSettings.resolve(explicit, info, policy="recompute").policy == "recompute"
-    assert CacheSettings.resolve(ChatConfig(), {}) == CacheSettings()
+    assert CacheSettings.resolve(ChatConfig(), ExportInfo(1, 2, 2)) == CacheSettings()
     with pytest.raises(ValueError, match="unknown cache policy"):
         CacheSettings("sink")

@@ -60,11 +60,12 @@ def test_policies_decide_from_plain_metadata_alone():
 
 
 def test_policies_module_imports_no_conversation_or_model():
-    """Every import in policies.py (top level, TYPE_CHECKING blocks, inside functions): only torch and the stdlib."""
+    """Every import in policies.py (top level, TYPE_CHECKING blocks, inside functions): only torch, the stdlib and
+    the contract's names; nothing that could reach a model or a conversation."""
     tree = ast.parse(open(policies.__file__).read())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert imported <= {"__future__", "dataclasses", "typing", "torch"}, imported
+    assert imported <= {"__future__", "dataclasses", "typing", "torch", "pipeline.contract"}, imported
 
 
 def test_streamingllm_with_covering_window_equals_dense(setup):
