@@ -51,6 +51,11 @@ def encode_utterances(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False).input_ids
 
 
+def encode_utterance(tokenizer, text: str) -> list[int]:
+    """Token ids of one utterance text, with no special tokens added."""
+    return encode_utterances(tokenizer, [text])[0]
+
+
 @dataclass(frozen=True)
 class SpecialIds:
     """The ids the token layout needs, found from the tokenizer (never hard-coded)."""

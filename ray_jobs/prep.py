@@ -14,6 +14,7 @@ import sys
 
 from pipeline.config import split_overrides
 
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ray_jobs.prep", description=__doc__.splitlines()[0])
     p.add_argument("items", nargs="+", help="input files / globs / URIs, then optional data.key=value overrides")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.contract import STAGES
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ray_jobs.train", description="DeepSpeed ZeRO-3 training on Ray Train")
@@ -20,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="shard folder from `convsink prep`")
     p.add_argument("--out", required=True, help="run folder (checkpoints, W&B run)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--stage", choices=["memory", "dialogue"], help="memory = SMR+LMR samples, dialogue = dialogue fine-tuning (default: the recipe's train.stage)")
+    p.add_argument("--stage", choices=STAGES, help="memory = SMR+LMR samples, dialogue = dialogue fine-tuning (default: the recipe's train.stage)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (default: train.nproc x train.nnodes)")
     p.add_argument("--storage-path", help="Ray Train storage (default: OUT/ray); must be reachable from every node")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the newest checkpoint (default 2)")

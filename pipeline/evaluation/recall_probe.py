@@ -4,6 +4,7 @@ match (after whitespace normalisation) and token F1 (lower-cased whitespace toke
 
 from __future__ import annotations
 
+from data_prep.tokenizer_loading import encode_utterance
 from pipeline.contract import ExportInfo
 from pipeline.evaluation.metrics import token_f1
 
@@ -21,7 +22,7 @@ def _continue_batch(model, tokenizer, info: ExportInfo, settings, histories: lis
         for history in histories[start:start + batch_size]:
             conv = Conversation.from_settings(model, info, settings)
             for text in history:
-                conv.add_utterance(tokenizer(text, add_special_tokens=False)["input_ids"], all_logits=False)
+                conv.add_utterance(encode_utterance(tokenizer, text), all_logits=False)
             convs.append(conv)
         out += [tokenizer.decode(r, skip_special_tokens=True).strip() for r in generate_batch(convs, None, max_new_tokens)]
     return out
@@ -36,10 +37,10 @@ def generate_and_probe(model, tokenizer, dialogues: list, info: ExportInfo, sett
     probed = [d for d in dialogues if len(d.turns) > recall_after]
     histories = [[t.text for t in d.turns[:recall_after]] + [RECALL_PROMPT] for d in probed]
     firsts = [d.turns[0].text for d in probed]
-    budget = max([max_new_tokens] + [len(tokenizer(f, add_special_tokens=False)["input_ids"]) + 1 for f in firsts])
+    budget = max([max_new_tokens] + [len(encode_utterance(tokenizer, f)) + 1 for f in firsts])
     answers = _continue_batch(model, tokenizer, info, settings, histories, budget, batch_size)
-    items = [{"dialogue": d.id, "asked_for": f, "answer": a, "exact": float(" ".join(a.split()) == " ".join(f.split())),
-              "f1": token_f1(a, f)} for d, f, a in zip(probed, firsts, answers)]
+    items = [dict(dialogue=d.id, asked_for=f, answer=a, exact=float(" ".join(a.split()) == " ".join(f.split())),
+                  f1=token_f1(a, f)) for d, f, a in zip(probed, firsts, answers)]
     summary = {"turns_before_question": recall_after, "question": RECALL_PROMPT, "n": len(items),
                "exact_match": sum(i["exact"] for i in items) / max(len(items), 1),
                "token_f1": sum(i["f1"] for i in items) / max(len(items), 1), "items": items}

@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from data_prep.tokenizer_loading import encode_utterance
 from pipeline.config import ChatConfig
 from pipeline.contract import CacheSettings
 from pipeline.inference.conversation import Conversation
@@ -16,7 +17,7 @@ from pipeline.modeling.loader import load_chat_model
 
 def encode(tokenizer, text: str) -> list[int]:
     """An utterance's token ids: no special tokens added (method.md §1)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode_utterance(tokenizer, text)
 
 
 def format_cache(info: dict) -> str:
