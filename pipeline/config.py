@@ -136,9 +136,14 @@ class RunConfig(Strict):
     def _cross(self):
         if self.model.path is None and self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings={self.model.max_position_embeddings}")
-        if self.model.path is None and self.model.num_kv_heads % self.train.sequence_parallel_size:
-            raise ValueError(f"train.sequence_parallel_size={self.train.sequence_parallel_size} does not divide "
-                             f"model.num_kv_heads={self.model.num_kv_heads}")
+        sp = self.train.sequence_parallel_size
+        if sp > 1 and self.model.path is None and self.train.init_from is None:  # a model folder: checked before launch
+            from pipeline.attention.ulysses import check_sp_size
+
+            try:
+                check_sp_size(self.model.num_heads, self.model.num_kv_heads, sp)
+            except ValueError as e:
+                raise ValueError(f"train.{e}") from None
         return self
 
 
