@@ -29,6 +29,13 @@ class MaskConfig(Strict):
     dialogue_kind: Literal["dialogue", "causal", "local", "streamingllm", "bigbird"] = Field(
         "dialogue", description="mask applied to 'dialogue' rows (the baselines are for comparison runs)")
 
+    def params(self):
+        """The mask parameters as the attention code takes them: ``pipeline.attention.masks.MaskParams`` (every field
+        but ``dialogue_kind``, which picks the kind of 'dialogue' rows: ``pipeline.modeling.forward.row_kinds``)."""
+        from pipeline.attention.masks import MaskParams
+
+        return MaskParams(**self.model_dump(exclude={"dialogue_kind"}))
+
 
 class LoraConfig(Strict):
     enabled: bool = Field(False, description="train LoRA adapters (peft) instead of all weights; export merges them")

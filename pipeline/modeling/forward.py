@@ -28,7 +28,7 @@ def forward_batch(model, batch: dict, cfg: ModelConfig, impl: str | None = None,
     is built once per batch from the full-length metadata, then wrapped by ``sp``."""
     impl = impl or attention_impl(cfg, batch["input_ids"].device)
     meta = dict(batch, mask_kind=row_kinds(batch, cfg))
-    attn = prepare_attention(meta, impl, cfg.mask.model_dump())
+    attn = prepare_attention(meta, impl, cfg.mask.params())
     if sp is not None:
         attn, batch = sp.wrap(attn), sp.local(batch)  # input_ids, position_ids (B, T/P)
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], convsink_attn=attn, use_cache=False)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from data_prep.tokenizer_loading import SpecialIds
 from pipeline.config import RunConfig
+from pipeline.attention.masks import MaskParams
 from pipeline.attention.ulysses import SequenceParallel
 from pipeline.modeling.forward import attention_impl, forward_batch, row_kinds
 from pipeline.modeling.loader import build_model
@@ -198,8 +199,8 @@ def _throughput(micro: list, cfg: RunConfig, engine, n_params: int, dt: float, w
     attended = causal = queries = 0.0
     for b in micro:
         kinds = row_kinds(b, cfg.model)
-        a, q = mask_stats(b, kinds, cfg.model.mask.model_dump())
-        c, _ = mask_stats(b, ["causal"] * len(kinds), {})
+        a, q = mask_stats(b, kinds, cfg.model.mask.params())
+        c, _ = mask_stats(b, ["causal"] * len(kinds), MaskParams())
         attended, causal, queries = attended + a, causal + c, queries + q
     buf = torch.tensor([attended, causal, queries], dtype=torch.float64)
     dist.all_reduce(buf)
