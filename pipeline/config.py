@@ -30,6 +30,13 @@ class MaskConfig(Strict):
     dialogue_kind: Literal["dialogue", "causal", "local", "streamingllm", "bigbird"] = Field(
         "dialogue", description="mask applied to 'dialogue' rows (the baselines are for comparison runs)")
 
+    def params(self):
+        """The mask parameters as the attention code takes them: ``pipeline.attention.masks.MaskParams`` (every field
+        but ``dialogue_kind``, which picks the kind of 'dialogue' rows: ``pipeline.modeling.forward.row_kinds``)."""
+        from pipeline.attention.masks import MaskParams
+
+        return MaskParams(**self.model_dump(exclude={"dialogue_kind"}))
+
 
 class LoraConfig(Strict):
     enabled: bool = Field(False, description="train LoRA adapters (peft) instead of all weights; export merges them")
@@ -137,9 +144,14 @@ class RunConfig(Strict):
     def _cross(self):
         if self.model.path is None and self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings={self.model.max_position_embeddings}")
-        if self.model.path is None and self.model.num_kv_heads % self.train.sequence_parallel_size:
-            raise ValueError(f"train.sequence_parallel_size={self.train.sequence_parallel_size} does not divide "
-                             f"model.num_kv_heads={self.model.num_kv_heads}")
+        sp = self.train.sequence_parallel_size
+        if sp > 1 and self.model.path is None and self.train.init_from is None:  # a model folder: checked before launch
+            from pipeline.attention.ulysses import check_sp_size
+
+            try:
+                check_sp_size(self.model.num_heads, self.model.num_kv_heads, sp)
+            except ValueError as e:
+                raise ValueError(f"train.{e}") from None
         return self
 
 

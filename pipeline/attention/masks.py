@@ -4,17 +4,42 @@ A predicate has FlexAttention's ``mask_mod`` signature ``(b, h, q_idx, kv_idx) -
 the batch's ``(B, T)`` metadata, so the same predicate builds the dense reference here and a BlockMask on GPU.
 Every mask is ANDed with causal ``k <= q`` and same-dialogue ``doc(k) == doc(q)``.
 
-``dense_mask(kind, batch)`` returns ``(B, T, T)`` booleans, True = query row may attend to key column.
+``dense_mask(kind, batch, params)`` returns ``(B, T, T)`` booleans, True = query row may attend to key column.
+The mask parameters (windows, sink and global token counts, BigBird's random keys) travel as one ``MaskParams``
+(``pipeline.config.MaskConfig.params()``); every builder rejects anything else, so a misspelled name is an error.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 META_COLUMNS = ("doc_ids", "utt_ids", "eou", "blk", "position_ids")
+
+
+@dataclass(frozen=True)
+class MaskParams:
+    """The parameters of the baseline masks (the dialogue, causal, SMR and LMR masks have none). Validated and
+    documented as ``pipeline.config.MaskConfig`` (the recipe's ``model.mask``), whose ``params()`` builds this."""
+
+    local_window: int = 64  # w of 'local'
+    sink_tokens: int = 1  # s of 'streamingllm'
+    sink_window: int = 64  # w of 'streamingllm'
+    bigbird_global: int = 1  # g of 'bigbird'
+    bigbird_window: int = 64  # w of 'bigbird'
+    bigbird_random: int = 8  # r of 'bigbird'
+    bigbird_seed: int = 0  # seed of bigbird's random keys
+
+
+def check_params(params) -> MaskParams:
+    """``params`` itself, if it is a ``MaskParams``; a dict (e.g. ``MaskConfig.model_dump()``) is a TypeError."""
+    if not isinstance(params, MaskParams):
+        raise TypeError(f"mask parameters must be a pipeline.attention.masks.MaskParams (MaskConfig.params()), "
+                        f"not {type(params).__name__}")
+    return params
 
 
 def check_meta(meta: dict) -> None:
@@ -51,7 +76,7 @@ def causal_same_doc(meta: dict) -> MaskMod:
     return lambda b, h, q, k: (k <= q) & (doc[b, k] == doc[b, q])
 
 
-def dialogue_mask(meta: dict, **_) -> MaskMod:
+def dialogue_mask(meta: dict, params: MaskParams) -> MaskMod:
     """Dialogue mask: BOS, every EoU, the previous utterance and the current one so far.
 
     ``[BOS] a a EoU b b EoU c c`` (utt 0 1 1 1 2 2 2 3 3)::
@@ -67,12 +92,13 @@ def dialogue_mask(meta: dict, **_) -> MaskMod:
         c    1 0 0 1 1 1 1 1
         c    1 0 0 1 1 1 1 1 1
     """
+    check_params(params)
     utt, eou = meta["utt_ids"], meta["eou"]
     kind = lambda b, h, q, k: ((utt[b, k] == 0) | eou[b, k] | (utt[b, k] == utt[b, q]) | (utt[b, k] == utt[b, q] - 1))
     return and_masks(causal_same_doc(meta), kind)
 
 
-def causal_mask(meta: dict, **_) -> MaskMod:
+def causal_mask(meta: dict, params: MaskParams) -> MaskMod:
     """Dense causal attention inside each dialogue of a pack (the 'dense' baseline).
 
              B a a E b
@@ -82,10 +108,11 @@ def causal_mask(meta: dict, **_) -> MaskMod:
         E    1 1 1 1
         b    1 1 1 1 1
     """
+    check_params(params)
     return causal_same_doc(meta)
 
 
-def smr_mask(meta: dict, **_) -> MaskMod:
+def smr_mask(meta: dict, params: MaskParams) -> MaskMod:
     """Short-memory reconstruction: ``[BOS] (u_j EoU u_j' EoU)*``; blk = utt; odd blk = original, even = copy.
     A token sees BOS and its own block; a copy also sees its original's EoU, so it must be rebuilt from it::
 
@@ -102,6 +129,7 @@ def smr_mask(meta: dict, **_) -> MaskMod:
         b    1 0 0 0 0 1
         E    1 0 0 0 0 1 1
     """
+    check_params(params)
     utt, blk, eou = meta["utt_ids"], meta["blk"], meta["eou"]
 
     def kind(b, h, q, k):
@@ -111,7 +139,7 @@ def smr_mask(meta: dict, **_) -> MaskMod:
     return and_masks(causal_same_doc(meta), kind)
 
 
-def lmr_mask(meta: dict, **_) -> MaskMod:
+def lmr_mask(meta: dict, params: MaskParams) -> MaskMod:
     """Long-memory reactivation: ``[BOS] (query EoU response EoU)* + a repeated pair``; blk = pair index::
 
         k == first(q)  OR  eou(k)  OR  utt(k) == utt(q)  OR  (response(q) AND k in its pair's query)
@@ -133,6 +161,7 @@ def lmr_mask(meta: dict, **_) -> MaskMod:
         r'   1 0 1 0 1 1 1 1
         E    1 0 1 0 1 1 1 1 1
     """
+    check_params(params)
     utt, eou, blk = meta["utt_ids"], meta["eou"], meta["blk"]
 
     def kind(b, h, q, k):
@@ -140,8 +169,8 @@ def lmr_mask(meta: dict, **_) -> MaskMod:
     return and_masks(causal_same_doc(meta), kind)
 
 
-def local_mask(meta: dict, local_window: int = 64, **_) -> MaskMod:
-    """Sliding window: the last ``w`` tokens (itself included). w = 2::
+def local_mask(meta: dict, params: MaskParams) -> MaskMod:
+    """Sliding window: the last ``w`` (``params.local_window``) tokens, itself included. w = 2::
 
              B a a E b
         B    1
@@ -150,11 +179,14 @@ def local_mask(meta: dict, local_window: int = 64, **_) -> MaskMod:
         E    0 0 1 1
         b    0 0 0 1 1
     """
-    return and_masks(causal_same_doc(meta), lambda b, h, q, k: q - k < local_window)
+    check_params(params)
+    w = params.local_window
+    return and_masks(causal_same_doc(meta), lambda b, h, q, k: q - k < w)
 
 
-def streamingllm_mask(meta: dict, sink_tokens: int = 1, sink_window: int = 64, **_) -> MaskMod:
-    """StreamingLLM: the first ``s`` tokens of the dialogue (attention sinks) plus the last ``w``. s = 1, w = 2::
+def streamingllm_mask(meta: dict, params: MaskParams) -> MaskMod:
+    """StreamingLLM: the first ``s`` (``params.sink_tokens``) tokens of the dialogue (attention sinks) plus the last
+    ``w`` (``params.sink_window``). s = 1, w = 2::
 
              B a a E b
         B    1
@@ -163,8 +195,9 @@ def streamingllm_mask(meta: dict, sink_tokens: int = 1, sink_window: int = 64, *
         E    1 0 1 1
         b    1 0 0 1 1
     """
-    pos = meta["position_ids"]
-    return and_masks(causal_same_doc(meta), lambda b, h, q, k: (pos[b, k] < sink_tokens) | (q - k < sink_window))
+    check_params(params)
+    pos, s, w = meta["position_ids"], params.sink_tokens, params.sink_window
+    return and_masks(causal_same_doc(meta), lambda b, h, q, k: (pos[b, k] < s) | (q - k < w))
 
 
 def bigbird_random_keys(meta: dict, n_random: int, seed: int) -> torch.Tensor:
@@ -185,10 +218,10 @@ def bigbird_random_keys(meta: dict, n_random: int, seed: int) -> torch.Tensor:
     return out.to(doc.device)
 
 
-def bigbird_mask(meta: dict, bigbird_global: int = 1, bigbird_window: int = 64, bigbird_random: int = 8,
-                 bigbird_seed: int = 0, **_) -> MaskMod:
-    """BigBird (causal): the first ``g`` tokens of the dialogue, a window of ``w``, and ``r`` seeded random
-    earlier keys per query. g = 1, w = 2, r = 1 (one possible draw)::
+def bigbird_mask(meta: dict, params: MaskParams) -> MaskMod:
+    """BigBird (causal): the first ``g`` tokens of the dialogue, a window of ``w``, and ``r`` random earlier keys per
+    query (``params.bigbird_global``, ``bigbird_window``, ``bigbird_random``, seeded by ``bigbird_seed``).
+    g = 1, w = 2, r = 1 (one possible draw)::
 
              B a a E b
         B    1
@@ -197,20 +230,21 @@ def bigbird_mask(meta: dict, bigbird_global: int = 1, bigbird_window: int = 64, 
         E    1 1 1 1
         b    1 0 1 1 1
     """
-    pos = meta["position_ids"]
+    check_params(params)
+    pos, g, w = meta["position_ids"], params.bigbird_global, params.bigbird_window
     rand = meta.get("bigbird_random_keys")
     if rand is None:
-        rand = bigbird_random_keys(meta, bigbird_random, bigbird_seed)
+        rand = bigbird_random_keys(meta, params.bigbird_random, params.bigbird_seed)
 
     def kind(b, h, q, k):
-        out = (pos[b, k] < bigbird_global) | (q - k < bigbird_window)
+        out = (pos[b, k] < g) | (q - k < w)
         for i in range(rand.shape[-1]):  # pointwise only (a FlexAttention mask_mod may not reduce)
             out = out | (rand[b, q, i] == k)
         return out
     return and_masks(causal_same_doc(meta), kind)
 
 
-MASK_BUILDERS: dict[str, Callable[..., MaskMod]] = {
+MASK_BUILDERS: dict[str, Callable[[dict, MaskParams], MaskMod]] = {
     "dialogue": dialogue_mask,
     "causal": causal_mask,
     "smr": smr_mask,
@@ -221,34 +255,35 @@ MASK_BUILDERS: dict[str, Callable[..., MaskMod]] = {
 }
 
 
-def mask_mod(kind: str, meta: dict, **params) -> MaskMod:
-    """The predicate of ``kind`` over the batch metadata ``meta`` (``(B, T)`` tensors). ``params`` are the
-    fields of ``pipeline.config.MaskConfig``; each builder takes the ones it needs and ignores the rest."""
+def mask_mod(kind: str, meta: dict, params: MaskParams = MaskParams()) -> MaskMod:
+    """The predicate of ``kind`` over the batch metadata ``meta`` (``(B, T)`` tensors) with the mask parameters
+    ``params`` (each kind reads the fields it needs; every builder rejects anything but a ``MaskParams``)."""
     if kind not in MASK_BUILDERS:
         raise ValueError(f"unknown mask kind {kind!r}; known: {', '.join(MASK_BUILDERS)}")
-    return MASK_BUILDERS[kind](meta, **params)
+    return MASK_BUILDERS[kind](meta, params)
 
 
-def dense_mask(kind: str, batch: dict, **params) -> torch.Tensor:
+def dense_mask(kind: str, batch: dict, params: MaskParams = MaskParams()) -> torch.Tensor:
     """``(B, T, T)`` bool, True = may attend, for mask ``kind`` over the batch's metadata columns."""
     doc = batch["doc_ids"]
     B, T = doc.shape
     b = torch.arange(B, device=doc.device).view(B, 1, 1)
     q = torch.arange(T, device=doc.device).view(1, T, 1)
     k = torch.arange(T, device=doc.device).view(1, 1, T)
-    return mask_mod(kind, batch, **params)(b, None, q, k).expand(B, T, T)
+    return mask_mod(kind, batch, params)(b, None, q, k).expand(B, T, T)
 
 
-def batch_dense_mask(batch: dict, kinds: list[str] | None = None, **params) -> torch.Tensor:
+def batch_dense_mask(batch: dict, params: MaskParams = MaskParams(), kinds: list[str] | None = None) -> torch.Tensor:
     """``(B, T, T)`` mask where row b uses its own ``mask_kind`` (batches may mix SMR and LMR samples)."""
+    check_params(params)
     kinds = kinds if kinds is not None else list(batch["mask_kind"])
     check_meta(batch)
     out = torch.empty(batch["doc_ids"].shape + batch["doc_ids"].shape[-1:], dtype=torch.bool, device=batch["doc_ids"].device)
     full = {c: batch[c] for c in META_COLUMNS if c in batch}
     if "bigbird" in kinds and "bigbird_random_keys" not in batch:  # drawn per batch row, whatever the other rows
-        full["bigbird_random_keys"] = bigbird_random_keys(full, params.get("bigbird_random", 8), params.get("bigbird_seed", 0))
+        full["bigbird_random_keys"] = bigbird_random_keys(full, params.bigbird_random, params.bigbird_seed)
     for kind in sorted(set(kinds)):
         rows = [i for i, kk in enumerate(kinds) if kk == kind]
         sub = {c: v[rows] for c, v in full.items()}
-        out[rows] = dense_mask(kind, sub, **params)
+        out[rows] = dense_mask(kind, sub, params)
     return out

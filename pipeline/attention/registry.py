@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from pipeline.attention.masks import batch_dense_mask
+from pipeline.attention.masks import MaskParams, batch_dense_mask
 
 NAME = "convsink"
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -76,13 +76,13 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         return "dense"
 
 
-def prepare_attention(batch: dict, impl: str = "dense", mask_params: dict | None = None) -> AttnFn:
-    """Build the per-batch attention callable for ``batch`` (metadata ``(B, T)`` + ``mask_kind`` per row)."""
-    params = mask_params or {}
+def prepare_attention(batch: dict, impl: str = "dense", params: MaskParams = MaskParams()) -> AttnFn:
+    """Build the per-batch attention callable for ``batch`` (metadata ``(B, T)`` + ``mask_kind`` per row) under the
+    mask parameters ``params`` (``pipeline.config.MaskConfig.params()``; a dict is a TypeError)."""
     if impl == "dense":
-        return DenseMaskAttention(batch_dense_mask(batch, **params))
+        return DenseMaskAttention(batch_dense_mask(batch, params))
     if impl in ("sink", "flex"):
         from pipeline.attention.sink_kernel import prepare_sink_attention
 
-        return prepare_sink_attention(batch, impl=impl, **params)
+        return prepare_sink_attention(batch, impl, params)
     raise ValueError(f"unknown attention implementation {impl!r}; expected auto, dense, sink or flex")

@@ -35,15 +35,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.attention.masks import META_COLUMNS, bigbird_random_keys, check_meta, mask_mod
+from pipeline.attention.masks import META_COLUMNS, MaskParams, bigbird_random_keys, check_meta, check_params, mask_mod
 
 CHUNK = 128
 SINK_KINDS = ("dialogue", "smr", "lmr")  # sinks: BOS + every EoU
 WINDOW_PARAM = {"local": "local_window", "streamingllm": "sink_window", "bigbird": "bigbird_window"}
 
 
-def batch_meta(batch: dict, **params) -> dict:
+def batch_meta(batch: dict, params: MaskParams) -> dict:
     """The ``(B, T)`` metadata columns of ``batch``, plus the BigBird random draws ``(B, T, r)`` if a row needs them."""
+    check_params(params)
     meta = {c: batch[c] for c in META_COLUMNS if c in batch}
     check_meta(meta)
     if len(batch["mask_kind"]) != meta["doc_ids"].shape[0]:
@@ -51,7 +52,7 @@ def batch_meta(batch: dict, **params) -> dict:
     if "bigbird" in batch["mask_kind"]:
         meta["bigbird_random_keys"] = batch.get("bigbird_random_keys")
         if meta["bigbird_random_keys"] is None:
-            meta["bigbird_random_keys"] = bigbird_random_keys(meta, params.get("bigbird_random", 8), params.get("bigbird_seed", 0))
+            meta["bigbird_random_keys"] = bigbird_random_keys(meta, params.bigbird_random, params.bigbird_seed)
     return meta
 
 
@@ -76,9 +77,10 @@ def _doc_code(doc: torch.Tensor, x: torch.Tensor, span: int) -> torch.Tensor:
     return (doc + 1) * span + (x + 2)  # unique per (doc, x) for doc >= -1, -2 <= x < span - 2
 
 
-def band_start(kind: str, row: dict, **params) -> torch.Tensor:
+def band_start(kind: str, row: dict, params: MaskParams) -> torch.Tensor:
     """``(T,)`` earliest key each query may see outside the sink keys (every other visible key lies in
     ``[band_start(q), q]``). Exact for any metadata: it looks up first occurrences, it assumes no ordering."""
+    check_params(params)
     doc = row["doc_ids"][0]
     T = doc.shape[0]
     ar = torch.arange(T, device=doc.device)
@@ -95,24 +97,25 @@ def band_start(kind: str, row: dict, **params) -> torch.Tensor:
         own_blk = _FirstIndex(_doc_code(doc, blk, span)).lookup(_doc_code(doc, blk, span), ar)
         return own_blk if kind == "smr" else torch.minimum(own, own_blk)
     if kind in WINDOW_PARAM:
-        w = params.get(WINDOW_PARAM[kind], 64)
+        w = getattr(params, WINDOW_PARAM[kind])
         return torch.maximum(ar - w + 1, doc_start)
     return doc_start  # causal: the whole dialogue
 
 
-def sink_keys(kind: str, row: dict, **params) -> torch.Tensor:
+def sink_keys(kind: str, row: dict, params: MaskParams) -> torch.Tensor:
     """``(T,)`` bool: keys a query may see outside its band (BigBird's random draws are per query, added later)."""
+    check_params(params)
     doc = row["doc_ids"][0]
     if kind in SINK_KINDS:
         return (row["utt_ids"][0] == 0) | row["eou"][0]
     if kind == "streamingllm":
-        return row["position_ids"][0] < params.get("sink_tokens", 1)
+        return row["position_ids"][0] < params.sink_tokens
     if kind == "bigbird":
-        return row["position_ids"][0] < params.get("bigbird_global", 1)
+        return row["position_ids"][0] < params.bigbird_global
     return torch.zeros_like(doc, dtype=torch.bool)
 
 
-def row_plan(kind: str, row: dict, chunk: int = CHUNK, **params) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+def row_plan(kind: str, row: dict, params: MaskParams, chunk: int = CHUNK) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """For one row (metadata ``(1, T)``): ``[(q0, q1, keys (K,), mask (q1-q0, K))]`` per chunk of queries.
 
     ``keys`` = the sink keys before the chunk's band (only of dialogues present in the chunk; BigBird's draws of
@@ -121,10 +124,10 @@ def row_plan(kind: str, row: dict, chunk: int = CHUNK, **params) -> list[tuple[i
     doc = row["doc_ids"][0]
     T = doc.shape[0]
     device = doc.device
-    start = band_start(kind, row, **params)
-    sinks = sink_keys(kind, row, **params).nonzero().squeeze(1)  # (S,) sorted
+    start = band_start(kind, row, params)
+    sinks = sink_keys(kind, row, params).nonzero().squeeze(1)  # (S,) sorted
     rand = row.get("bigbird_random_keys") if kind == "bigbird" else None
-    pred = mask_mod(kind, row, **params)
+    pred = mask_mod(kind, row, params)
     zero = torch.zeros(1, 1, dtype=torch.long, device=device)
     plan = []
     for q0 in range(0, T, chunk):
@@ -152,9 +155,9 @@ class SinkAttention:
     the backward pass scatters into each input once (slicing per chunk would allocate a full-size zero gradient
     per chunk: quadratic in T). SDPA gets 4-D inputs so PyTorch's fused CPU kernel runs, with the bool mask."""
 
-    def __init__(self, batch: dict, chunk: int = CHUNK, **params):
-        meta = batch_meta(batch, **params)
-        self.plans = [row_plan(kind, _row(meta, b), chunk, **params) for b, kind in enumerate(batch["mask_kind"])]
+    def __init__(self, batch: dict, params: MaskParams = MaskParams(), chunk: int = CHUNK):
+        meta = batch_meta(batch, params)
+        self.plans = [row_plan(kind, _row(meta, b), params, chunk) for b, kind in enumerate(batch["mask_kind"])]
         self.gather = [torch.cat([keys for _, _, keys, _ in plan]) for plan in self.plans]  # (sum K,) per row
         self.q_sizes = [[q1 - q0 for q0, q1, _, _ in plan] for plan in self.plans]
         self.k_sizes = [[keys.numel() for _, _, keys, _ in plan] for plan in self.plans]
@@ -177,25 +180,25 @@ class SinkAttention:
         return torch.stack(rows)  # (B, H, T, D)
 
 
-def sinks_first_permutation(batch: dict, **params) -> torch.Tensor:
+def sinks_first_permutation(batch: dict, params: MaskParams = MaskParams()) -> torch.Tensor:
     """``(B, T)``: per row, the positions of its sink keys (in order) then all other positions (in order)."""
-    meta = batch_meta(batch, **params)
+    meta = batch_meta(batch, params)
     perms = []
     for b, kind in enumerate(batch["mask_kind"]):
         row = _row(meta, b)
-        sink = sink_keys(kind, row, **params) & (row["doc_ids"][0] >= 0)
+        sink = sink_keys(kind, row, params) & (row["doc_ids"][0] >= 0)
         perms.append(torch.argsort((~sink).to(torch.int8), stable=True))
     return torch.stack(perms)
 
 
-def mixed_mask_mod(batch: dict, perm: torch.Tensor | None = None, **params):
+def mixed_mask_mod(batch: dict, params: MaskParams = MaskParams(), perm: torch.Tensor | None = None):
     """One FlexAttention ``mask_mod`` for a batch whose rows use different kinds; key index ``kv`` names the key
     at ``perm[b, kv]`` when a permutation is given. Indices are clamped so padded block tails stay in bounds."""
-    meta = batch_meta(batch, **params)
+    meta = batch_meta(batch, params)
     T = meta["doc_ids"].shape[1]
     kinds = sorted(set(batch["mask_kind"]))
     kind_of_row = torch.tensor([kinds.index(k) for k in batch["mask_kind"]], device=meta["doc_ids"].device)
-    mods = [mask_mod(k, meta, **params) for k in kinds]
+    mods = [mask_mod(k, meta, params) for k in kinds]
 
     def mod(b, h, q, kv):
         q = q.clamp(max=T - 1)
@@ -273,11 +276,12 @@ class FlexSinkAttention:
     """CUDA path: FlexAttention over keys permuted to ``[sinks | rest]`` per row, with a BlockMask built once per
     batch from the mask predicates (rows may mix kinds). Forward also runs on CPU (eager, for tests)."""
 
-    def __init__(self, batch: dict, block: int = 128, compiled: bool | None = None, permute: bool = True, **params):
+    def __init__(self, batch: dict, params: MaskParams = MaskParams(), block: int = 128, compiled: bool | None = None,
+                 permute: bool = True):
         doc = batch["doc_ids"]
         B, T = doc.shape
-        self.perm = sinks_first_permutation(batch, **params) if permute else None  # (B, T)
-        mod = mixed_mask_mod(batch, self.perm, **params)
+        self.perm = sinks_first_permutation(batch, params) if permute else None  # (B, T)
+        mod = mixed_mask_mod(batch, params, self.perm)
         self.block_mask = block_mask_from_mod(mod, B, T, doc.device, block=block)
         self.compiled = doc.device.type == "cuda" if compiled is None else compiled
 
@@ -290,12 +294,12 @@ class FlexSinkAttention:
                                     enable_gqa=key.shape[1] != query.shape[1])
 
 
-def prepare_sink_attention(batch: dict, impl: str = "sink", **params):
+def prepare_sink_attention(batch: dict, impl: str = "sink", params: MaskParams = MaskParams()):
     """The per-batch attention callable ``(query (B,H,T,D), key, value (B,Hkv,T,D), scaling) -> (B,H,T,D)`` for
-    ``impl`` 'sink' (chunked gather, any device, autograd) or 'flex' (FlexAttention; backward needs CUDA).
-    ``params`` are ``MaskConfig`` fields (unknown names are ignored)."""
+    ``impl`` 'sink' (chunked gather, any device, autograd) or 'flex' (FlexAttention; backward needs CUDA), under
+    the mask parameters ``params`` (``MaskConfig.params()``)."""
     if impl == "flex":
-        return FlexSinkAttention(batch, **params)
+        return FlexSinkAttention(batch, params)
     if impl != "sink":
         raise ValueError(f"unknown sink attention implementation {impl!r}; expected sink or flex")
-    return SinkAttention(batch, **params)
+    return SinkAttention(batch, params)

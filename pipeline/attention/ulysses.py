@@ -17,7 +17,9 @@ import torch.distributed as dist
 
 
 def check_sp_size(num_heads: int, num_kv_heads: int, sp: int) -> None:
-    """Ulysses splits the query AND the key/value heads over the ``sp`` ranks: both must be divisible."""
+    """THE sequence-parallel head rule, checked once before launch (``pipeline.config.RunConfig`` for a random-init
+    model, ``pipeline.training.launch.check_sequence_parallel`` for a model folder), never per forward: Ulysses
+    splits the query AND the key/value heads over the ``sp`` ranks, so both must be divisible."""
     if sp < 1 or num_heads % sp or num_kv_heads % sp:
         raise ValueError(f"sequence_parallel_size={sp} must divide num_heads={num_heads} and num_kv_heads={num_kv_heads}")
 
@@ -65,8 +67,7 @@ def ulysses_attention(attn_fn, group):
     own adjoint. Head group r of the query maps onto kv-head group r, so grouped-query attention is kept."""
 
     def attend(query, key, value, scaling):
-        # query (B, H, T/P, D); key/value (B, Hkv, T/P, D) → (B, H, T/P, D)
-        check_sp_size(query.shape[1], key.shape[1], dist.get_world_size(group))
+        # query (B, H, T/P, D); key/value (B, Hkv, T/P, D) → (B, H, T/P, D); P divides H and Hkv (check_sp_size)
         q, k, v = (seq_to_heads(t, group) for t in (query, key, value))  # (B, H/P, T, D), (B, Hkv/P, T, D)
         return heads_to_seq(attn_fn(q, k, v, scaling), group)
 
@@ -90,3 +91,37 @@ def shard_sequence(batch: dict, rank: int, size: int) -> dict:
         if c in batch:
             out[c] = batch[c][:, rank * n:(rank + 1) * n]
     return out
+
+
+class SequenceParallel:
+    """Ulysses groups of ``size`` consecutive ranks: every rank of a group holds the same sample, a contiguous
+    slice of its tokens, and the full-length mask metadata; attention runs on the whole sequence for heads/size.
+    ``SequenceParallel(1)`` changes nothing. The head counts were checked before launch (``check_sp_size``)."""
+
+    def __init__(self, size: int, group=None, rank: int = 0):
+        self.size, self.group, self.rank = size, group, rank
+
+    @classmethod
+    def create(cls, size: int) -> "SequenceParallel":
+        """This rank's group; every rank must call it (creating process groups is collective)."""
+        if size == 1:
+            return cls(1)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = None
+        for start in range(0, world, size):  # every rank creates every group, in the same order
+            group = dist.new_group(list(range(start, start + size)))
+            if start <= rank < start + size:
+                mine = group
+        return cls(size, mine, rank % size)
+
+    def local(self, batch: dict) -> dict:
+        """This rank's token slice of the per-token columns (``shard_sequence``); ``batch`` itself when size is 1."""
+        if self.size == 1:
+            return batch
+        return shard_sequence(batch, self.rank, self.size)
+
+    def wrap(self, attn):
+        """``attn`` (built from full-length metadata) taking this rank's sequence shard (``ulysses_attention``)."""
+        if self.size == 1:
+            return attn
+        return ulysses_attention(attn, self.group)

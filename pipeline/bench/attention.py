@@ -139,7 +139,7 @@ def measure(method: str, T: int, heads: int, head_dim: int, episodes: list[list[
     if threads:
         torch.set_num_threads(threads)
 
-    from pipeline.attention.masks import dense_mask
+    from pipeline.attention.masks import MaskParams, dense_mask
     from pipeline.attention.registry import DenseMaskAttention
     from pipeline.attention.sink_kernel import CHUNK, SinkAttention
 
@@ -151,6 +151,7 @@ def measure(method: str, T: int, heads: int, head_dim: int, episodes: list[list[
     q, k, v = (torch.randn(1, heads, T, head_dim, requires_grad=True) for _ in range(3))  # (B, H, T, D)
     grad = torch.randn(1, heads, T, head_dim)
     scale = head_dim ** -0.5
+    params = MaskParams()  # the dialogue mask reads none; the same object for both masked methods
     base_rss = _rss_gb()
     process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # imports included
     reset = _reset_peak_rss()
@@ -158,13 +159,13 @@ def measure(method: str, T: int, heads: int, head_dim: int, episodes: list[list[
     for _ in range(repeats):
         t0 = time.perf_counter()
         if method == "sink":
-            attn = SinkAttention(batch, chunk=chunk or CHUNK)
+            attn = SinkAttention(batch, params, chunk=chunk or CHUNK)
             plan_times.append(time.perf_counter() - t0)
             extra["key_fraction_computed"] = attn.keys_computed / attn.keys_dense
             extra["mask_fraction"] = sum(int(m.sum()) for plan in attn.plans for *_, m in plan) / (T * T)  # allowed pairs
             out = attn(q, k, v, scale)
         elif method == "dense_mask":
-            out = DenseMaskAttention(dense_mask("dialogue", batch))(q, k, v, scale)  # the T×T mask built in the timing
+            out = DenseMaskAttention(dense_mask("dialogue", batch, params))(q, k, v, scale)  # the T×T mask built in the timing
         elif method == "causal":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         else:

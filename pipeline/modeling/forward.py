@@ -1,4 +1,5 @@
-"""One sink-masked forward of a transformers causal LM over a packed batch.
+"""One sink-masked forward of a transformers causal LM over a packed batch: the one forward used by training
+(with Ulysses sequence parallelism), held-out eval, the memory probe, perplexity and the tests.
 """
 
 from __future__ import annotations
@@ -6,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.attention.registry import prepare_attention, resolve_impl
+from pipeline.attention.ulysses import SequenceParallel
 from pipeline.config import ModelConfig
 
 
@@ -18,10 +20,16 @@ def row_kinds(batch: dict, cfg: ModelConfig) -> list[str]:
     return [cfg.mask.dialogue_kind if k == "dialogue" else k for k in batch["mask_kind"]]
 
 
-def forward_batch(model, batch: dict, cfg: ModelConfig, impl: str | None = None) -> torch.Tensor:
-    """Sink-masked forward of a packed batch; returns logits ``(B, T, V)``."""
+def forward_batch(model, batch: dict, cfg: ModelConfig, impl: str | None = None,
+                  sp: SequenceParallel | None = None) -> torch.Tensor:
+    """Sink-masked forward of a packed batch (full-length ``(B, T)`` columns); returns logits ``(B, T, V)``, or
+    ``(B, T/P, V)`` for this rank's token slice under sequence parallelism ``sp`` of size P. ``model``: a causal
+    LM loaded with ``attn_implementation="convsink"``, or a DeepSpeed engine wrapping one. The attention callable
+    is built once per batch from the full-length metadata, then wrapped by ``sp``."""
     impl = impl or attention_impl(cfg, batch["input_ids"].device)
     meta = dict(batch, mask_kind=row_kinds(batch, cfg))
-    attn = prepare_attention(meta, impl, cfg.mask.model_dump())
+    attn = prepare_attention(meta, impl, cfg.mask.params())
+    if sp is not None:
+        attn, batch = sp.wrap(attn), sp.local(batch)  # input_ids, position_ids (B, T/P)
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], convsink_attn=attn, use_cache=False)
     return out.logits

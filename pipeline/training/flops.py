@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.attention.masks import MaskParams, check_params, mask_mod
+
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -21,8 +23,10 @@ def non_embedding_params(model) -> int:
     return total
 
 
-def mask_stats(batch: dict, kinds: list[str], params: dict, chunk: int = 1024) -> tuple[float, float]:
-    """(attended key positions, real query tokens) of a batch, counted in query chunks to bound memory."""
+def mask_stats(batch: dict, kinds: list[str], params: MaskParams, chunk: int = 1024) -> tuple[float, float]:
+    """(attended key positions, real query tokens) of a batch under mask ``kinds`` (one per row) and the mask
+    parameters ``params``, counted in query chunks to bound memory."""
+    check_params(params)
     attended, queries = 0.0, 0.0
     T = batch["doc_ids"].shape[1]
     for b, kind in enumerate(kinds):
@@ -36,12 +40,10 @@ def mask_stats(batch: dict, kinds: list[str], params: dict, chunk: int = 1024) -
 
 
 def _rows(kind, row, params, q0, chunk):
-    from pipeline.attention.masks import mask_mod
-
     T = row["doc_ids"].shape[1]
     q = torch.arange(q0, min(T, q0 + chunk)).view(-1, 1)
     k = torch.arange(T).view(1, -1)
-    return mask_mod(kind, row, **params)(torch.zeros(1, 1, dtype=torch.long), None, q, k)
+    return mask_mod(kind, row, params)(torch.zeros(1, 1, dtype=torch.long), None, q, k)
 
 
 def flops_per_token(model_config, non_emb_params: int, keys_per_query: float) -> float:

@@ -58,7 +58,7 @@ def prepare_run_dir(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool) -
 
 def check_sequence_parallel(cfg: RunConfig, seq_len: int) -> None:
     """Ulysses needs seq_len and both head counts divisible by the SP size; for a model folder (model.path or
-    train.init_from) the head counts come from its config.json (random-init models are checked by the recipe)."""
+    train.init_from) ``check_sp_size`` runs here on its config.json (random-init models: in the recipe's validation)."""
     from pipeline.attention.ulysses import check_sp_size
 
     sp = cfg.train.sequence_parallel_size

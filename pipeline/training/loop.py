@@ -22,7 +22,9 @@ import torch.distributed as dist
 
 from data_prep.tokenizer_loading import SpecialIds
 from pipeline.config import RunConfig
-from pipeline.modeling.forward import attention_impl, row_kinds
+from pipeline.attention.masks import MaskParams
+from pipeline.attention.ulysses import SequenceParallel
+from pipeline.modeling.forward import attention_impl, forward_batch, row_kinds
 from pipeline.modeling.loader import build_model
 from pipeline.training import checkpoint
 from pipeline.training.flops import flops_per_token, mask_stats, non_embedding_params, peak_memory_gb, peak_tflops
@@ -136,7 +138,7 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
 
     data = load_shards(data_dir, t.stage)
     impl = attention_impl(cfg.model, device)
-    sp = SequenceParallel.create(t.sequence_parallel_size, engine.module.config)
+    sp = SequenceParallel.create(t.sequence_parallel_size)  # head counts checked before launch
     dp_rank, dp_size = rank // sp.size, world // sp.size
     run = init_wandb(cfg, out_dir, rank, resume)
     eval_set = (eval_batches(load_shards(t.eval_data, t.stage), t.eval_rows, t.micro_batch_size, dp_rank, dp_size)
@@ -154,7 +156,7 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
         task_nll: dict[str, list[float]] = {}
         for b in micro:
             b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
-            logits = _forward(engine, b, cfg, impl, sp)  # (B, T / sp, V)
+            logits = forward_batch(engine, b, cfg.model, impl, sp)  # (B, T / sp, V)
             sums = task_sums(logits, sp.local(b)["targets"], b["mask_kind"])
             loss = sum(s for s, _ in sums.values()) * (world * t.grad_accum / n_tokens.item())
             engine.backward(loss)
@@ -173,7 +175,7 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
             metrics.update(_throughput(micro, cfg, engine, n_params, dt, world, peak, device, sp.size))
         if eval_set is not None and ((step + 1) % t.eval_every == 0 or step + 1 == t.max_steps):
             engine.eval()
-            metrics.update(evaluate(lambda b: _forward(engine, b, cfg, impl, sp), eval_set, sp.local, device))
+            metrics.update(evaluate(lambda b: forward_batch(engine, b, cfg.model, impl, sp), eval_set, sp.local, device))
             engine.train()
         history.append({"step": step + 1, **metrics})
         if run is not None and ((step + 1) % t.log_every == 0 or any(k.startswith("eval/") for k in metrics)):
@@ -200,60 +202,13 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
     return result
 
 
-class SequenceParallel:
-    """Ulysses groups of ``size`` consecutive ranks: every rank of a group holds the same sample, a contiguous
-    slice of its tokens, and the full-length mask metadata; attention runs on the whole sequence for heads/size."""
-
-    def __init__(self, size: int, group=None, rank: int = 0):
-        self.size, self.group, self.rank = size, group, rank
-
-    @classmethod
-    def create(cls, size: int, model_config) -> "SequenceParallel":
-        if size == 1:
-            return cls(1)
-        from pipeline.attention.ulysses import check_sp_size
-
-        check_sp_size(model_config.num_attention_heads, model_config.num_key_value_heads, size)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        mine = None
-        for start in range(0, world, size):  # every rank creates every group, in the same order
-            group = dist.new_group(list(range(start, start + size)))
-            if start <= rank < start + size:
-                mine = group
-        return cls(size, mine, rank % size)
-
-    def local(self, batch: dict) -> dict:
-        if self.size == 1:
-            return batch
-        from pipeline.attention.ulysses import shard_sequence
-
-        return shard_sequence(batch, self.rank, self.size)
-
-    def wrap(self, attn):
-        if self.size == 1:
-            return attn
-        from pipeline.attention.ulysses import ulysses_attention
-
-        return ulysses_attention(attn, self.group)
-
-
-def _forward(engine, batch: dict, cfg: RunConfig, impl: str, sp: SequenceParallel | None = None) -> torch.Tensor:
-    """Sink-masked forward; the attention callable is built once per batch from full-length metadata."""
-    from pipeline.attention.registry import prepare_attention
-
-    sp = sp or SequenceParallel(1)
-    attn = sp.wrap(prepare_attention(dict(batch, mask_kind=row_kinds(batch, cfg.model)), impl, cfg.model.mask.model_dump()))
-    local = sp.local(batch)
-    return engine(input_ids=local["input_ids"], position_ids=local["position_ids"], convsink_attn=attn, use_cache=False).logits
-
-
 def _throughput(micro: list, cfg: RunConfig, engine, n_params: int, dt: float, world: int, peak, device, sp_size: int = 1) -> dict:
     """Mask density, model TFLOP/s (attention counted as computed under the mask), MFU, peak memory."""
     attended = causal = queries = 0.0
     for b in micro:
         kinds = row_kinds(b, cfg.model)
-        a, q = mask_stats(b, kinds, cfg.model.mask.model_dump())
-        c, _ = mask_stats(b, ["causal"] * len(kinds), {})
+        a, q = mask_stats(b, kinds, cfg.model.mask.params())
+        c, _ = mask_stats(b, ["causal"] * len(kinds), MaskParams())
         attended, causal, queries = attended + a, causal + c, queries + q
     buf = torch.tensor([attended, causal, queries], dtype=torch.float64)
     dist.all_reduce(buf)

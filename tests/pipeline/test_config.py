@@ -45,6 +45,8 @@ def test_unset_env_var_is_an_error_naming_the_key(tmp_path, monkeypatch):
     ("train:\n  lr: -1\n", "train.lr", "greater than 0"),
     ("data:\n  seq_len: 4096\nmodel:\n  max_position_embeddings: 1024\n", "(top level)", "exceeds model.max_position_embeddings"),
     ("model:\n  num_heads: 3\n", "model", "not divisible"),
+    ("train:\n  nproc: 3\n  sequence_parallel_size: 3\n", "(top level)",
+     "train.sequence_parallel_size=3 must divide num_heads=4 and num_kv_heads=2"),
     ("wandb:\n  mode: sometimes\n", "wandb.mode", "offline"),
     ("train: [1, 2]\n", "train", "valid dictionary"),
     ("nonsense: 1\n", "nonsense", "unknown key"),

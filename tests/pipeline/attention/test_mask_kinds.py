@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.attention.masks import batch_dense_mask, bigbird_random_keys, dense_mask
+from pipeline.attention.masks import MaskParams, batch_dense_mask, bigbird_random_keys, dense_mask
 
 from tests.pipeline.batches import random_packed_batch
 
-PARAMS = dict(local_window=5, sink_tokens=2, sink_window=4, bigbird_global=1, bigbird_window=3, bigbird_random=2, bigbird_seed=7)
+PARAMS = MaskParams(local_window=5, sink_tokens=2, sink_window=4, bigbird_global=1, bigbird_window=3, bigbird_random=2, bigbird_seed=7)
 
 
 def reference(kind: str, row: dict, rand=None) -> torch.Tensor:
@@ -35,11 +35,11 @@ def reference(kind: str, row: dict, rand=None) -> torch.Tensor:
                 query_of_q = response_q and blk[k] == blk[q] and utt[k] == utt[q] - 1
                 ok = k == first[doc[q]] or eou[k] or utt[k] == utt[q] or query_of_q
             elif kind == "local":
-                ok = q - k < PARAMS["local_window"]
+                ok = q - k < PARAMS.local_window
             elif kind == "streamingllm":
-                ok = pos[k] < PARAMS["sink_tokens"] or q - k < PARAMS["sink_window"]
+                ok = pos[k] < PARAMS.sink_tokens or q - k < PARAMS.sink_window
             elif kind == "bigbird":
-                ok = pos[k] < PARAMS["bigbird_global"] or q - k < PARAMS["bigbird_window"] or k in rand[q]
+                ok = pos[k] < PARAMS.bigbird_global or q - k < PARAMS.bigbird_window or k in rand[q]
             m[q, k] = ok
     return m
 
@@ -47,8 +47,8 @@ def reference(kind: str, row: dict, rand=None) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["causal", "dialogue", "smr", "lmr", "local", "streamingllm", "bigbird"])
 def test_dense_mask_equals_reference(kind):
     batch = random_packed_batch(2, 96, [kind, kind], seed=3)
-    mask = dense_mask(kind, batch, **PARAMS)
-    rand = bigbird_random_keys(batch, PARAMS["bigbird_random"], PARAMS["bigbird_seed"])
+    mask = dense_mask(kind, batch, PARAMS)
+    rand = bigbird_random_keys(batch, PARAMS.bigbird_random, PARAMS.bigbird_seed)
     for b in range(2):
         row = {c: batch[c][b] for c in ("doc_ids", "utt_ids", "eou", "blk", "position_ids")}
         assert torch.equal(mask[b], reference(kind, row, rand[b].tolist())), (kind, b)
@@ -58,8 +58,8 @@ def test_dense_mask_equals_reference(kind):
 
 def test_bigbird_draw_depends_on_row_not_on_neighbours():
     a = random_packed_batch(2, 64, ["bigbird", "dialogue"], seed=1)
-    mixed = batch_dense_mask(a, **PARAMS)
-    alone = dense_mask("bigbird", a, **PARAMS)
+    mixed = batch_dense_mask(a, PARAMS)
+    alone = dense_mask("bigbird", a, PARAMS)
     assert torch.equal(mixed[0], alone[0])
 
 

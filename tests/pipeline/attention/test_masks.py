@@ -1,18 +1,20 @@
 """Every mask kind of method.md §2 against a per-element reference written directly from its definition (loops
-over q and k), on packed rows with several dialogues and padding at the end, including the exact SMR/LMR layouts."""
+over q and k), on packed rows with several dialogues and padding at the end, including the exact SMR/LMR layouts;
+the mask parameters are one typed ``MaskParams``: a misspelled name, a dict or a loose keyword is an error."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 import torch
 
-from pipeline.attention.masks import MASK_BUILDERS, batch_dense_mask, bigbird_random_keys, dense_mask
+from pipeline.attention.masks import MASK_BUILDERS, MaskParams, batch_dense_mask, bigbird_random_keys, dense_mask
 
 from tests.pipeline.batches import random_packed_batch
 
-PARAMS = dict(local_window=5, sink_tokens=2, sink_window=4, bigbird_global=2, bigbird_window=3, bigbird_random=2, bigbird_seed=7)
+PARAMS = MaskParams(local_window=5, sink_tokens=2, sink_window=4, bigbird_global=2, bigbird_window=3, bigbird_random=2, bigbird_seed=7)
 KINDS = ["causal", "dialogue", "smr", "lmr", "local", "streamingllm", "bigbird"]
 COLUMNS = ("doc_ids", "utt_ids", "eou", "blk", "position_ids")
 
@@ -104,7 +106,7 @@ def packed_kind_batch(kind: str, T: int, seed: int = 0, B: int = 2) -> dict:
 
 # --- the reference, per element, from method.md ----------------------------------------------------------------
 
-def reference(kind: str, row: dict, params: dict = PARAMS, rand=None) -> torch.Tensor:
+def reference(kind: str, row: dict, params: MaskParams = PARAMS, rand=None) -> torch.Tensor:
     doc, utt, eou, blk, pos = (row[c].tolist() for c in COLUMNS)
     T = len(doc)
     first = {}
@@ -130,11 +132,11 @@ def reference(kind: str, row: dict, params: dict = PARAMS, rand=None) -> torch.T
                 in_its_query = blk[k] == blk[q] and utt[k] == utt[q] - 1
                 ok = is_first or eou[k] or utt[k] == utt[q] or (response_q and in_its_query)
             elif kind == "local":
-                ok = q - k < params["local_window"]
+                ok = q - k < params.local_window
             elif kind == "streamingllm":
-                ok = pos[k] < params["sink_tokens"] or q - k < params["sink_window"]
+                ok = pos[k] < params.sink_tokens or q - k < params.sink_window
             elif kind == "bigbird":
-                ok = pos[k] < params["bigbird_global"] or q - k < params["bigbird_window"] or k in rand[q]
+                ok = pos[k] < params.bigbird_global or q - k < params.bigbird_window or k in rand[q]
             else:
                 raise AssertionError(kind)
             m[q, k] = ok
@@ -142,7 +144,7 @@ def reference(kind: str, row: dict, params: dict = PARAMS, rand=None) -> torch.T
 
 
 def check_against_reference(batch: dict, mask: torch.Tensor, kinds: list[str]) -> None:
-    rand = bigbird_random_keys(batch, PARAMS["bigbird_random"], PARAMS["bigbird_seed"])
+    rand = bigbird_random_keys(batch, PARAMS.bigbird_random, PARAMS.bigbird_seed)
     for b, kind in enumerate(kinds):
         row = {c: batch[c][b] for c in COLUMNS}
         ref = reference(kind, row, rand=rand[b].tolist())
@@ -154,20 +156,20 @@ def check_against_reference(batch: dict, mask: torch.Tensor, kinds: list[str]) -
 def test_dense_mask_equals_reference_on_random_packed_rows(kind):
     batch = random_packed_batch(2, 96, [kind, kind], seed=3)
     assert (batch["doc_ids"][:, -1] == -1).all() and batch["doc_ids"].max() >= 2  # several docs, padding at the end
-    check_against_reference(batch, dense_mask(kind, batch, **PARAMS), [kind, kind])
+    check_against_reference(batch, dense_mask(kind, batch, PARAMS), [kind, kind])
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_dense_mask_equals_reference_on_natural_layouts(kind):
     batch = packed_kind_batch(kind, 90, seed=11)
-    check_against_reference(batch, dense_mask(kind, batch, **PARAMS), [kind, kind])
+    check_against_reference(batch, dense_mask(kind, batch, PARAMS), [kind, kind])
 
 
 def test_mixed_batch_uses_each_rows_kind():
     batch = random_packed_batch(len(KINDS), 64, KINDS, seed=5)
-    check_against_reference(batch, batch_dense_mask(batch, **PARAMS), KINDS)
+    check_against_reference(batch, batch_dense_mask(batch, PARAMS), KINDS)
     memory = packed_memory_batch()
-    check_against_reference(memory, batch_dense_mask(memory, **PARAMS), ["smr", "lmr"])
+    check_against_reference(memory, batch_dense_mask(memory, PARAMS), ["smr", "lmr"])
 
 
 def test_kinds_really_differ():
@@ -175,7 +177,7 @@ def test_kinds_really_differ():
     batch = random_packed_batch(1, 96, ["dialogue"], seed=3)
     causal = dense_mask("causal", batch)
     for kind in KINDS[1:]:
-        assert not torch.equal(dense_mask(kind, batch, **PARAMS), causal), kind
+        assert not torch.equal(dense_mask(kind, batch, PARAMS), causal), kind
     assert set(MASK_BUILDERS) == set(KINDS)
 
 
@@ -219,11 +221,11 @@ def test_smr_copy_sees_only_bos_its_original_eou_and_itself():
 
 def test_baselines_count_sinks_from_each_dialogue_start():
     row = pack([[dialogue_item([3, 3]), dialogue_item([4, 4])]], ["streamingllm"], 24)  # docs at 0 and 9
-    m = dense_mask("streamingllm", row, sink_tokens=2, sink_window=3)[0]
+    m = dense_mask("streamingllm", row, MaskParams(sink_tokens=2, sink_window=3))[0]
     assert set(m[18].nonzero().squeeze(1).tolist()) == {9, 10, 16, 17, 18}
-    m = dense_mask("bigbird", row, bigbird_global=1, bigbird_window=2, bigbird_random=0)[0]
+    m = dense_mask("bigbird", row, MaskParams(bigbird_global=1, bigbird_window=2, bigbird_random=0))[0]
     assert set(m[18].nonzero().squeeze(1).tolist()) == {9, 17, 18}
-    m = dense_mask("local", row, local_window=30)[0]
+    m = dense_mask("local", row, MaskParams(local_window=30))[0]
     assert set(m[10].nonzero().squeeze(1).tolist()) == {9, 10}  # the window never crosses into another dialogue
 
 
@@ -235,11 +237,82 @@ def test_bigbird_draw_is_seeded_per_row_and_independent_of_neighbours():
     assert not torch.equal(ra, bigbird_random_keys(a, 3, 6))
     q = torch.arange(64).view(-1, 1)
     assert ((ra[0] >= 0) & (ra[0] < q) | (ra[0] == -1) & (q == 0)).all()  # earlier keys only
-    assert torch.equal(batch_dense_mask(a, **PARAMS)[0], batch_dense_mask(b, **PARAMS)[0])
-    assert torch.equal(batch_dense_mask(a, **PARAMS)[0], dense_mask("bigbird", a, **PARAMS)[0])
+    assert torch.equal(batch_dense_mask(a, PARAMS)[0], batch_dense_mask(b, PARAMS)[0])
+    assert torch.equal(batch_dense_mask(a, PARAMS)[0], dense_mask("bigbird", a, PARAMS)[0])
 
 
 def test_unknown_kind_is_an_error():
     batch = random_packed_batch(1, 16, ["dialogue"])
     with pytest.raises(ValueError, match="unknown mask kind 'nope'"):
         dense_mask("nope", batch)
+
+
+# --- mask parameters are one typed object ----------------------------------------------------------------------
+
+def test_mask_params_reject_unknown_names():
+    from pydantic import ValidationError
+
+    from pipeline.config import MaskConfig
+
+    with pytest.raises(TypeError, match="local_windw"):
+        MaskParams(local_windw=3)
+    with pytest.raises(ValidationError, match="local_windw"):
+        MaskConfig(local_windw=3)
+    assert MaskConfig().params() == MaskParams()  # the same defaults
+    assert set(MaskConfig.model_fields) == {f.name for f in dataclasses.fields(MaskParams)} | {"dialogue_kind"}
+    assert MaskConfig(local_window=3, dialogue_kind="local").params() == MaskParams(local_window=3)
+    with pytest.raises(Exception):  # frozen: a builder cannot change what the next one sees
+        PARAMS.local_window = 1
+
+
+def _every_builder():
+    """(name, call(params)) for every function or class that takes the mask parameters."""
+    from pipeline.attention import sink_kernel as sk
+    from pipeline.attention.masks import mask_mod
+    from pipeline.attention.registry import prepare_attention
+    from pipeline.training.flops import mask_stats
+
+    batch = random_packed_batch(2, 64, ["local", "bigbird"], seed=2)
+    row = {c: v[:1] for c, v in batch.items() if c != "mask_kind"}
+    calls = [(f"MASK_BUILDERS[{k!r}]", lambda p, k=k: MASK_BUILDERS[k](batch, p)) for k in MASK_BUILDERS]
+    calls += [
+        ("mask_mod", lambda p: mask_mod("local", batch, p)),
+        ("dense_mask", lambda p: dense_mask("local", batch, p)),
+        ("batch_dense_mask", lambda p: batch_dense_mask(batch, p)),
+        ("sink_kernel.batch_meta", lambda p: sk.batch_meta(batch, p)),
+        ("sink_kernel.band_start", lambda p: sk.band_start("local", row, p)),
+        ("sink_kernel.sink_keys", lambda p: sk.sink_keys("streamingllm", row, p)),
+        ("sink_kernel.row_plan", lambda p: sk.row_plan("local", row, p)),
+        ("sink_kernel.sinks_first_permutation", lambda p: sk.sinks_first_permutation(batch, p)),
+        ("sink_kernel.mixed_mask_mod", lambda p: sk.mixed_mask_mod(batch, p)),
+        ("SinkAttention", lambda p: sk.SinkAttention(batch, p)),
+        ("FlexSinkAttention", lambda p: sk.FlexSinkAttention(batch, p)),
+        ("prepare_sink_attention", lambda p: sk.prepare_sink_attention(batch, "sink", p)),
+        *[(f"prepare_attention({impl!r})", lambda p, impl=impl: prepare_attention(batch, impl, p)) for impl in ("dense", "sink", "flex")],
+        ("flops.mask_stats", lambda p: mask_stats(batch, ["local", "bigbird"], p)),
+    ]
+    return calls
+
+
+def test_every_builder_takes_mask_params_and_rejects_a_dict():
+    from pipeline.config import MaskConfig
+
+    dumped = MaskConfig().model_dump()  # the old calling convention: a dict whose unknown names were ignored
+    for name, call in _every_builder():
+        call(MaskParams(local_window=3))
+        for bad in (dumped, {"local_windw": 3}, {}):
+            with pytest.raises(TypeError, match="MaskParams"):
+                call(bad)
+                pytest.fail(f"{name} accepted {bad!r}")
+
+
+def test_builders_take_no_loose_parameter_names():
+    from pipeline.attention.sink_kernel import SinkAttention
+    from pipeline.training.flops import mask_stats
+
+    batch = random_packed_batch(1, 32, ["local"])
+    for call in (lambda: dense_mask("local", batch, local_window=3), lambda: dense_mask("local", batch, local_windw=3),
+                 lambda: batch_dense_mask(batch, local_window=3), lambda: SinkAttention(batch, local_window=3),
+                 lambda: mask_stats(batch, ["local"], MaskParams(), local_window=3)):
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            call()

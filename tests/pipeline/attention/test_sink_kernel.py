@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from pipeline.attention.registry import DenseMaskAttention, prepare_attention
-from pipeline.attention.masks import batch_dense_mask
+from pipeline.attention.masks import MaskParams, batch_dense_mask
 from pipeline.attention.sink_kernel import (FlexSinkAttention, SinkAttention, block_mask_from_mod, mixed_mask_mod, prepare_sink_attention, sinks_first_permutation)
 
 from tests.pipeline.batches import random_packed_batch
 from tests.pipeline.attention.test_masks import packed_kind_batch, packed_memory_batch
 
-PARAMS = dict(local_window=16, sink_tokens=2, sink_window=16, bigbird_global=1, bigbird_window=16, bigbird_random=3,
-              bigbird_seed=1, dialogue_kind="dialogue")  # a MaskConfig dump: unknown names are ignored
+PARAMS = MaskParams(local_window=16, sink_tokens=2, sink_window=16, bigbird_global=1, bigbird_window=16, bigbird_random=3,
+                    bigbird_seed=1)
 KINDS = ["causal", "dialogue", "smr", "lmr", "local", "streamingllm", "bigbird"]
 TOL = 1e-5
 
@@ -37,9 +37,9 @@ def compare(batch, chunk=64, H=4, Hkv=2, D=16, seed=0, ref_dtype=torch.float32):
     q, k, v = qkv(B, T, H, Hkv, D, seed)
     grad = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(seed + 1))
     rq, rk, rv = (t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v))
-    ref = DenseMaskAttention(batch_dense_mask(batch, **PARAMS))(rq, rk, rv, D ** -0.5)
+    ref = DenseMaskAttention(batch_dense_mask(batch, PARAMS))(rq, rk, rv, D ** -0.5)
     g_ref = torch.autograd.grad(ref, (rq, rk, rv), grad.to(ref_dtype))
-    sink = SinkAttention(batch, chunk=chunk, **PARAMS)
+    sink = SinkAttention(batch, PARAMS, chunk=chunk)
     out = sink(q, k, v, D ** -0.5)
     assert out.shape == (B, H, T, D) and out.dtype == torch.float32
     g_out = torch.autograd.grad(out, (q, k, v), grad)
@@ -83,7 +83,7 @@ def test_default_chunk_and_prepare_attention_route():
     attn = prepare_attention(batch, "sink", PARAMS)
     assert isinstance(attn, SinkAttention)
     q, k, v = qkv(2, 300)
-    ref = DenseMaskAttention(batch_dense_mask(batch, **PARAMS))(q, k, v, 0.25)
+    ref = DenseMaskAttention(batch_dense_mask(batch, PARAMS))(q, k, v, 0.25)
     assert (attn(q, k, v, 0.25) - ref).abs().max() <= TOL
     with pytest.raises(ValueError, match="unknown sink attention implementation"):
         prepare_sink_attention(batch, impl="fast")
@@ -147,13 +147,13 @@ def test_tiny_llama_logits_and_grads_equal_dense(tokenizer):
 def test_flex_forward_on_cpu_equals_dense_for_every_kind():
     batch = random_packed_batch(len(KINDS), 160, KINDS, seed=4)  # two 128-blocks, the last one partial
     q, k, v = (t.detach() for t in qkv(len(KINDS), 160, H=2, Hkv=1))
-    ref = DenseMaskAttention(batch_dense_mask(batch, **PARAMS))(q, k, v, 0.25)
+    ref = DenseMaskAttention(batch_dense_mask(batch, PARAMS))(q, k, v, 0.25)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager flex on CPU warns that it is unfused
-        out = FlexSinkAttention(batch, **PARAMS)(q, k, v, 0.25)  # keys permuted: [sinks | rest]
+        out = FlexSinkAttention(batch, PARAMS)(q, k, v, 0.25)  # keys permuted: [sinks | rest]
         assert (out - ref).abs().max() <= TOL
         two = {c: (x[1:3] if torch.is_tensor(x) else x[1:3]) for c, x in batch.items()}
-        out = FlexSinkAttention(two, permute=False, **PARAMS)(q[1:3], k[1:3], v[1:3], 0.25)  # natural key order
+        out = FlexSinkAttention(two, PARAMS, permute=False)(q[1:3], k[1:3], v[1:3], 0.25)  # natural key order
         assert (out - ref[1:3]).abs().max() <= TOL
 
 
@@ -161,9 +161,9 @@ def test_flex_block_mask_equals_create_block_mask_and_skips_blocks():
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch = random_packed_batch(3, 300, ["dialogue", "smr", "bigbird"], seed=6)  # 300: a partial last block
-    perm = sinks_first_permutation(batch, **PARAMS)
+    perm = sinks_first_permutation(batch, PARAMS)
     assert all(sorted(p.tolist()) == list(range(300)) for p in perm)
-    mod = mixed_mask_mod(batch, perm, **PARAMS)
+    mod = mixed_mask_mod(batch, PARAMS, perm)
     ours = block_mask_from_mod(mod, 3, 300, rows=128)
     ref = create_block_mask(mod, 3, None, 300, 300, device="cpu")
     for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
@@ -180,7 +180,7 @@ def test_flex_block_mask_equals_create_block_mask_and_skips_blocks():
     blocks = {}
     for permute in (False, True):
         p = sinks_first_permutation(row) if permute else None
-        bm = block_mask_from_mod(mixed_mask_mod(row, p), 1, 2048)
+        bm = block_mask_from_mod(mixed_mask_mod(row, perm=p), 1, 2048)
         blocks[permute] = int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())
     assert blocks[False] == 16 * 17 // 2  # natural key order: EoUs everywhere, every causal block is touched
     assert blocks[True] < 0.5 * blocks[False], blocks  # sinks gathered first: block-sparse
@@ -199,8 +199,8 @@ def test_compiled_flex_equals_dense_and_does_not_recompile_per_batch():
         for seed in (1, 2, 3):
             batch = random_packed_batch(2, 256, ["smr", "lmr"], seed=seed)  # the memory stage's mixed rows
             q, k, v = (t.detach() for t in qkv(2, 256, H=2, Hkv=1, seed=seed))
-            out = FlexSinkAttention(batch, compiled=True, **PARAMS)(q, k, v, 0.25)
-            ref = DenseMaskAttention(batch_dense_mask(batch, **PARAMS))(q, k, v, 0.25)
+            out = FlexSinkAttention(batch, PARAMS, compiled=True)(q, k, v, 0.25)
+            ref = DenseMaskAttention(batch_dense_mask(batch, PARAMS))(q, k, v, 0.25)
             assert (out - ref).abs().max() <= TOL
             graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] >= 1 and graphs[1] == graphs[2] == graphs[0], f"recompiled per batch: {graphs}"

@@ -1,5 +1,6 @@
 """Ulysses over 2 gloo processes equals the single-process sink attention (outputs and input gradients, 1e-5), and
-the comparison would catch a mask silently replaced by a causal one."""
+the comparison would catch a mask silently replaced by a causal one; ``forward_batch`` with a ``SequenceParallel``
+gives each rank its slice of the single-process logits."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import torch.multiprocessing as mp
 
 from pipeline.attention.registry import DenseMaskAttention
 from pipeline.attention.masks import batch_dense_mask
-from pipeline.attention.ulysses import check_sp_size, heads_to_seq, seq_to_heads, shard_sequence, ulysses_attention
+from pipeline.attention.ulysses import (SequenceParallel, check_sp_size, heads_to_seq, seq_to_heads, shard_sequence,
+                                       ulysses_attention)
 from pipeline.attention.sink_kernel import SinkAttention
+from pipeline.config import ModelConfig
+from pipeline.modeling.forward import forward_batch
 
 from tests.pipeline.batches import random_packed_batch
 
@@ -36,6 +40,19 @@ def _sp_run(attn, rank, q, k, v, grad):
     return out.detach(), [t.grad for t in local]
 
 
+def model_and_batch():
+    """A 2-layer random-init Llama (H query, HKV key/value heads) and a token batch over the mask test metadata."""
+    from data_prep.tokenizer_loading import SpecialIds
+    from pipeline.modeling.loader import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=32, intermediate_size=64, num_heads=H, num_kv_heads=HKV), 64,
+                        SpecialIds(1, 2, 0)).eval()
+    batch, *_ = inputs()
+    batch["input_ids"] = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(1))
+    return model, batch
+
+
 def _worker(rank, store, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=P)
@@ -48,6 +65,10 @@ def _worker(rank, store, out_path):
                    "sink": _sp_run(SinkAttention(batch, chunk=64), rank, q, k, v, grad),
                    # what a framework that silently drops the mask would compute
                    "causal": _sp_run(DenseMaskAttention(batch_dense_mask(dict(batch, mask_kind=["causal"] * B))), rank, q, k, v, grad)}
+        model, tokens = model_and_batch()
+        with torch.no_grad():
+            results["logits"] = forward_batch(model, tokens, ModelConfig(attention="sink"),
+                                              sp=SequenceParallel(P, dist.group.WORLD, rank))  # (B, T/P, V)
         torch.save(results, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -64,6 +85,7 @@ def sp_result(tmp_path_factory):
         out[name] = (torch.cat([p[name][0] for p in parts], dim=2), [torch.cat([p[name][1][i] for p in parts], dim=2) for i in range(3)])
     out["heads"] = [p["heads"] for p in parts]
     out["back"] = torch.cat([p["back"] for p in parts], dim=2)
+    out["logits"] = torch.cat([p["logits"] for p in parts], dim=1)
     return out
 
 
@@ -98,6 +120,14 @@ def test_would_catch_a_causal_substitution(sp_result):
     assert max_diff(sp_result["causal"], causal_ref) <= 1e-5  # Ulysses carries whatever mask it is given ...
     assert max_diff(sp_result["causal"], sink_ref) > 1e-2  # ... so a causal substitution fails the equality test
     assert max_diff(sp_result["sink"], sink_ref) <= 1e-5
+
+
+def test_forward_batch_with_sequence_parallel_equals_single_process(sp_result):
+    model, tokens = model_and_batch()
+    with torch.no_grad():
+        single = forward_batch(model, tokens, ModelConfig(attention="sink"))  # (B, T, V)
+    assert sp_result["logits"].shape == single.shape
+    torch.testing.assert_close(sp_result["logits"], single, atol=1e-5, rtol=0)
 
 
 def test_shard_sequence_keeps_metadata_full_length():

@@ -10,8 +10,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from pipeline.config import RunConfig
+from pipeline.modeling.forward import forward_batch
 from pipeline.training.shard_loader import load_shards, micro_batch
-from pipeline.training.loop import _forward, train
+from pipeline.training.loop import train
 
 cfg_path, data_dir, out_dir, probe_path = sys.argv[1:5]
 cfg = RunConfig.model_validate(json.load(open(cfg_path)))
@@ -22,9 +23,9 @@ data = load_shards(data_dir, "dialogue")
 batch = micro_batch(data, 0, 0, micro_size=1, grad_accum=1, dp_rank=0, dp_size=1, seed=123)
 tensors = {}
 with torch.no_grad():
-    tensors["logits_dialogue"] = _forward(engine, batch, cfg, "dense").contiguous()
+    tensors["logits_dialogue"] = forward_batch(engine, batch, cfg.model, "dense").contiguous()
     causal = dict(batch, mask_kind=["causal"])
-    tensors["logits_causal"] = _forward(engine, causal, cfg, "dense").contiguous()
+    tensors["logits_causal"] = forward_batch(engine, causal, cfg.model, "dense").contiguous()
 params = dict(engine.module.named_parameters())
 with deepspeed.zero.GatheredParameters(list(params.values())):
     if dist.get_rank() == 0:
