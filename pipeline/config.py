@@ -13,6 +13,18 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from data_prep.config import DataConfig, Strict
+from pipeline.contract import (
+    ABSOLUTE,
+    ATTENTION_IMPLS,
+    AUTO,
+    CACHE_POLICIES,
+    CACHE_POSITIONS,
+    DIALOGUE,
+    DIALOGUE_ROW_MASKS,
+    DIALOGUE_STAGE,
+    STAGES,
+    STREAMINGDIALOGUE_CACHE,
+)
 
 
 class ConfigError(ValueError):
@@ -27,8 +39,8 @@ class MaskConfig(Strict):
     bigbird_window: int = Field(64, ge=1, description="window of the 'bigbird' baseline mask")
     bigbird_random: int = Field(8, ge=0, description="random keys per query of the 'bigbird' baseline mask")
     bigbird_seed: int = Field(0, description="seed of the bigbird random keys")
-    dialogue_kind: Literal["dialogue", "causal", "local", "streamingllm", "bigbird"] = Field(
-        "dialogue", description="mask applied to 'dialogue' rows (the baselines are for comparison runs)")
+    dialogue_kind: Literal[DIALOGUE_ROW_MASKS] = Field(
+        DIALOGUE, description="mask applied to 'dialogue' rows (the baselines are for comparison runs)")
 
     def params(self):
         """The mask parameters as the attention code takes them: ``pipeline.attention.masks.MaskParams`` (every field
@@ -56,8 +68,8 @@ class ModelConfig(Strict):
     max_position_embeddings: int = Field(8192, ge=16, description="longest position the model is built for")
     rope_theta: float = Field(10000.0, gt=0, description="rotary base")
     tie_word_embeddings: bool = Field(True, description="share input and output embeddings")
-    attention: Literal["auto", "dense", "sink", "flex"] = Field(
-        "auto", description="masked attention kernel: auto picks flex on CUDA, sink on CPU; dense = SDPA with a T×T mask")
+    attention: Literal[ATTENTION_IMPLS] = Field(
+        AUTO, description="masked attention kernel: auto picks flex on CUDA, sink on CPU; dense = SDPA with a T×T mask")
     mask: MaskConfig = Field(default_factory=MaskConfig, description="mask parameters")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="optional LoRA adapters")
 
@@ -72,7 +84,7 @@ class ModelConfig(Strict):
 
 
 class TrainConfig(Strict):
-    stage: Literal["dialogue", "memory"] = Field("dialogue", description="memory = SMR+LMR samples; dialogue = dialogue mask fine-tuning")
+    stage: Literal[STAGES] = Field(DIALOGUE_STAGE, description="memory = SMR+LMR samples; dialogue = dialogue mask fine-tuning")
     nproc: int = Field(2, ge=1, description="processes (ranks) on this node")
     nnodes: int = Field(1, ge=1, description="nodes (multi-node launches set the rendezvous through the launcher's env)")
     launcher: Literal["torchrun", "deepspeed"] = Field("torchrun", description="process launcher")
@@ -120,8 +132,8 @@ class WandbConfig(Strict):
 
 
 class ChatConfig(Strict):
-    cache: Literal["dense", "streamingllm", "streamingdialogue", "recompute"] = Field("streamingdialogue", description="KV cache policy")
-    positions: Literal["absolute", "cache"] = Field("absolute", description="streamingdialogue positions: absolute (= training mask) or cache")
+    cache: Literal[CACHE_POLICIES] = Field(STREAMINGDIALOGUE_CACHE, description="KV cache policy")
+    positions: Literal[CACHE_POSITIONS] = Field(ABSOLUTE, description="streamingdialogue positions: absolute (= training mask) or cache")
     max_new_tokens: int = Field(48, ge=1, description="longest reply")
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0 = all)")

@@ -16,8 +16,24 @@ from typing import Callable
 
 import torch
 
+from pipeline.contract import (
+    BIGBIRD,
+    BLK,
+    CAUSAL,
+    DIALOGUE,
+    DOC_IDS,
+    EOU,
+    LMR,
+    LOCAL,
+    MASK_KIND,
+    META_COLUMNS,
+    POSITION_IDS,
+    SMR,
+    STREAMINGLLM,
+    UTT_IDS,
+)
+
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-META_COLUMNS = ("doc_ids", "utt_ids", "eou", "blk", "position_ids")
 
 
 @dataclass(frozen=True)
@@ -45,7 +61,7 @@ def check_params(params) -> MaskParams:
 def check_meta(meta: dict) -> None:
     """Every metadata column must be ``(B, T)`` like ``doc_ids``: masks always need the FULL sequence (with
     sequence parallelism, build the attention before ``shard_sequence`` slices ``position_ids``)."""
-    shape = tuple(meta["doc_ids"].shape)
+    shape = tuple(meta[DOC_IDS].shape)
     for c in META_COLUMNS:
         if c in meta and tuple(meta[c].shape) != shape:
             raise ValueError(f"mask metadata {c} has shape {tuple(meta[c].shape)}, doc_ids {shape}: masks need the full "
@@ -72,7 +88,7 @@ def or_masks(*mods: MaskMod) -> MaskMod:
 
 def causal_same_doc(meta: dict) -> MaskMod:
     """``k <= q AND doc(k) == doc(q)``: the frame every kind is ANDed with."""
-    doc = meta["doc_ids"]
+    doc = meta[DOC_IDS]
     return lambda b, h, q, k: (k <= q) & (doc[b, k] == doc[b, q])
 
 
@@ -93,7 +109,7 @@ def dialogue_mask(meta: dict, params: MaskParams) -> MaskMod:
         c    1 0 0 1 1 1 1 1 1
     """
     check_params(params)
-    utt, eou = meta["utt_ids"], meta["eou"]
+    utt, eou = meta[UTT_IDS], meta[EOU]
     kind = lambda b, h, q, k: ((utt[b, k] == 0) | eou[b, k] | (utt[b, k] == utt[b, q]) | (utt[b, k] == utt[b, q] - 1))
     return and_masks(causal_same_doc(meta), kind)
 
@@ -130,7 +146,7 @@ def smr_mask(meta: dict, params: MaskParams) -> MaskMod:
         E    1 0 0 0 0 1 1
     """
     check_params(params)
-    utt, blk, eou = meta["utt_ids"], meta["blk"], meta["eou"]
+    utt, blk, eou = meta[UTT_IDS], meta[BLK], meta[EOU]
 
     def kind(b, h, q, k):
         copy_q = (blk[b, q] > 0) & (blk[b, q] % 2 == 0)
@@ -162,7 +178,7 @@ def lmr_mask(meta: dict, params: MaskParams) -> MaskMod:
         E    1 0 1 0 1 1 1 1 1
     """
     check_params(params)
-    utt, eou, blk = meta["utt_ids"], meta["eou"], meta["blk"]
+    utt, eou, blk = meta[UTT_IDS], meta[EOU], meta[BLK]
 
     def kind(b, h, q, k):
         return (utt[b, k] == 0) | eou[b, k] | (utt[b, k] == utt[b, q]) | ((blk[b, k] == blk[b, q]) & (blk[b, q] > 0))
@@ -196,7 +212,7 @@ def streamingllm_mask(meta: dict, params: MaskParams) -> MaskMod:
         b    1 0 0 1 1
     """
     check_params(params)
-    pos, s, w = meta["position_ids"], params.sink_tokens, params.sink_window
+    pos, s, w = meta[POSITION_IDS], params.sink_tokens, params.sink_window
     return and_masks(causal_same_doc(meta), lambda b, h, q, k: (pos[b, k] < s) | (q - k < w))
 
 
@@ -204,7 +220,7 @@ def bigbird_random_keys(meta: dict, n_random: int, seed: int) -> torch.Tensor:
     """``(B, T, r)`` positions of ``r`` earlier keys per query, drawn uniformly (with replacement) from a generator
     seeded by (seed, row), so the draw is the same on every device; -1 where a query has no earlier key. Keys drawn
     from another dialogue of the row are dropped by the same-dialogue rule."""
-    doc = meta["doc_ids"]
+    doc = meta[DOC_IDS]
     B, T = doc.shape
     out = torch.full((B, T, max(n_random, 1)), -1, dtype=torch.long)
     for b in range(B):
@@ -231,7 +247,7 @@ def bigbird_mask(meta: dict, params: MaskParams) -> MaskMod:
         b    1 0 1 1 1
     """
     check_params(params)
-    pos, g, w = meta["position_ids"], params.bigbird_global, params.bigbird_window
+    pos, g, w = meta[POSITION_IDS], params.bigbird_global, params.bigbird_window
     rand = meta.get("bigbird_random_keys")
     if rand is None:
         rand = bigbird_random_keys(meta, params.bigbird_random, params.bigbird_seed)
@@ -245,13 +261,13 @@ def bigbird_mask(meta: dict, params: MaskParams) -> MaskMod:
 
 
 MASK_BUILDERS: dict[str, Callable[[dict, MaskParams], MaskMod]] = {
-    "dialogue": dialogue_mask,
-    "causal": causal_mask,
-    "smr": smr_mask,
-    "lmr": lmr_mask,
-    "local": local_mask,
-    "streamingllm": streamingllm_mask,
-    "bigbird": bigbird_mask,
+    DIALOGUE: dialogue_mask,
+    CAUSAL: causal_mask,
+    SMR: smr_mask,
+    LMR: lmr_mask,
+    LOCAL: local_mask,
+    STREAMINGLLM: streamingllm_mask,
+    BIGBIRD: bigbird_mask,
 }
 
 
@@ -265,7 +281,7 @@ def mask_mod(kind: str, meta: dict, params: MaskParams = MaskParams()) -> MaskMo
 
 def dense_mask(kind: str, batch: dict, params: MaskParams = MaskParams()) -> torch.Tensor:
     """``(B, T, T)`` bool, True = may attend, for mask ``kind`` over the batch's metadata columns."""
-    doc = batch["doc_ids"]
+    doc = batch[DOC_IDS]
     B, T = doc.shape
     b = torch.arange(B, device=doc.device).view(B, 1, 1)
     q = torch.arange(T, device=doc.device).view(1, T, 1)
@@ -276,11 +292,11 @@ def dense_mask(kind: str, batch: dict, params: MaskParams = MaskParams()) -> tor
 def batch_dense_mask(batch: dict, params: MaskParams = MaskParams(), kinds: list[str] | None = None) -> torch.Tensor:
     """``(B, T, T)`` mask where row b uses its own ``mask_kind`` (batches may mix SMR and LMR samples)."""
     check_params(params)
-    kinds = kinds if kinds is not None else list(batch["mask_kind"])
+    kinds = kinds if kinds is not None else list(batch[MASK_KIND])
     check_meta(batch)
-    out = torch.empty(batch["doc_ids"].shape + batch["doc_ids"].shape[-1:], dtype=torch.bool, device=batch["doc_ids"].device)
+    out = torch.empty(batch[DOC_IDS].shape + batch[DOC_IDS].shape[-1:], dtype=torch.bool, device=batch[DOC_IDS].device)
     full = {c: batch[c] for c in META_COLUMNS if c in batch}
-    if "bigbird" in kinds and "bigbird_random_keys" not in batch:  # drawn per batch row, whatever the other rows
+    if BIGBIRD in kinds and "bigbird_random_keys" not in batch:  # drawn per batch row, whatever the other rows
         full["bigbird_random_keys"] = bigbird_random_keys(full, params.bigbird_random, params.bigbird_seed)
     for kind in sorted(set(kinds)):
         rows = [i for i, kk in enumerate(kinds) if kk == kind]

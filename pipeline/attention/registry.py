@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.attention.masks import MaskParams, batch_dense_mask
+from pipeline.contract import AUTO, DENSE, FLEX, SINK
 
 NAME = "convsink"
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -65,23 +66,23 @@ def register() -> str:
 
 def resolve_impl(impl: str, device: torch.device) -> str:
     """'auto' → 'flex' on CUDA, else the sink kernel on CPU when available, else dense."""
-    if impl != "auto":
+    if impl != AUTO:
         return impl
     if device.type == "cuda":
-        return "flex"
+        return FLEX
     try:
         from pipeline.attention import sink_kernel  # noqa: F401  (issue: fast sink attention)
-        return "sink"
+        return SINK
     except ImportError:
-        return "dense"
+        return DENSE
 
 
-def prepare_attention(batch: dict, impl: str = "dense", params: MaskParams = MaskParams()) -> AttnFn:
+def prepare_attention(batch: dict, impl: str = DENSE, params: MaskParams = MaskParams()) -> AttnFn:
     """Build the per-batch attention callable for ``batch`` (metadata ``(B, T)`` + ``mask_kind`` per row) under the
     mask parameters ``params`` (``pipeline.config.MaskConfig.params()``; a dict is a TypeError)."""
-    if impl == "dense":
+    if impl == DENSE:
         return DenseMaskAttention(batch_dense_mask(batch, params))
-    if impl in ("sink", "flex"):
+    if impl in (SINK, FLEX):
         from pipeline.attention.sink_kernel import prepare_sink_attention
 
         return prepare_sink_attention(batch, impl, params)

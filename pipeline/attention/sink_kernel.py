@@ -36,10 +36,26 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.attention.masks import META_COLUMNS, MaskParams, bigbird_random_keys, check_meta, check_params, mask_mod
+from pipeline.contract import (
+    BIGBIRD,
+    BLK,
+    DIALOGUE,
+    DOC_IDS,
+    EOU,
+    FLEX,
+    LMR,
+    LOCAL,
+    MASK_KIND,
+    POSITION_IDS,
+    SINK,
+    SMR,
+    STREAMINGLLM,
+    UTT_IDS,
+)
 
 CHUNK = 128
-SINK_KINDS = ("dialogue", "smr", "lmr")  # sinks: BOS + every EoU
-WINDOW_PARAM = {"local": "local_window", "streamingllm": "sink_window", "bigbird": "bigbird_window"}
+SINK_KINDS = (DIALOGUE, SMR, LMR)  # sinks: BOS + every EoU
+WINDOW_PARAM = {LOCAL: "local_window", STREAMINGLLM: "sink_window", BIGBIRD: "bigbird_window"}
 
 
 def batch_meta(batch: dict, params: MaskParams) -> dict:
@@ -47,9 +63,9 @@ def batch_meta(batch: dict, params: MaskParams) -> dict:
     check_params(params)
     meta = {c: batch[c] for c in META_COLUMNS if c in batch}
     check_meta(meta)
-    if len(batch["mask_kind"]) != meta["doc_ids"].shape[0]:
-        raise ValueError(f"{len(batch['mask_kind'])} mask kinds for {meta['doc_ids'].shape[0]} rows")
-    if "bigbird" in batch["mask_kind"]:
+    if len(batch[MASK_KIND]) != meta[DOC_IDS].shape[0]:
+        raise ValueError(f"{len(batch[MASK_KIND])} mask kinds for {meta[DOC_IDS].shape[0]} rows")
+    if BIGBIRD in batch[MASK_KIND]:
         meta["bigbird_random_keys"] = batch.get("bigbird_random_keys")
         if meta["bigbird_random_keys"] is None:
             meta["bigbird_random_keys"] = bigbird_random_keys(meta, params.bigbird_random, params.bigbird_seed)
@@ -81,21 +97,21 @@ def band_start(kind: str, row: dict, params: MaskParams) -> torch.Tensor:
     """``(T,)`` earliest key each query may see outside the sink keys (every other visible key lies in
     ``[band_start(q), q]``). Exact for any metadata: it looks up first occurrences, it assumes no ordering."""
     check_params(params)
-    doc = row["doc_ids"][0]
+    doc = row[DOC_IDS][0]
     T = doc.shape[0]
     ar = torch.arange(T, device=doc.device)
     doc_start = _FirstIndex(doc).lookup(doc, ar)
     if kind in SINK_KINDS:
-        utt = row["utt_ids"][0]
+        utt = row[UTT_IDS][0]
         span = int(utt.max()) + 4
         first_utt = _FirstIndex(_doc_code(doc, utt, span))
         own = first_utt.lookup(_doc_code(doc, utt, span), ar)
-        if kind == "dialogue":
+        if kind == DIALOGUE:
             return torch.minimum(own, first_utt.lookup(_doc_code(doc, utt - 1, span), ar))
-        blk = row["blk"][0]
+        blk = row[BLK][0]
         span = int(blk.max()) + 4
         own_blk = _FirstIndex(_doc_code(doc, blk, span)).lookup(_doc_code(doc, blk, span), ar)
-        return own_blk if kind == "smr" else torch.minimum(own, own_blk)
+        return own_blk if kind == SMR else torch.minimum(own, own_blk)
     if kind in WINDOW_PARAM:
         w = getattr(params, WINDOW_PARAM[kind])
         return torch.maximum(ar - w + 1, doc_start)
@@ -105,13 +121,13 @@ def band_start(kind: str, row: dict, params: MaskParams) -> torch.Tensor:
 def sink_keys(kind: str, row: dict, params: MaskParams) -> torch.Tensor:
     """``(T,)`` bool: keys a query may see outside its band (BigBird's random draws are per query, added later)."""
     check_params(params)
-    doc = row["doc_ids"][0]
+    doc = row[DOC_IDS][0]
     if kind in SINK_KINDS:
-        return (row["utt_ids"][0] == 0) | row["eou"][0]
-    if kind == "streamingllm":
-        return row["position_ids"][0] < params.sink_tokens
-    if kind == "bigbird":
-        return row["position_ids"][0] < params.bigbird_global
+        return (row[UTT_IDS][0] == 0) | row[EOU][0]
+    if kind == STREAMINGLLM:
+        return row[POSITION_IDS][0] < params.sink_tokens
+    if kind == BIGBIRD:
+        return row[POSITION_IDS][0] < params.bigbird_global
     return torch.zeros_like(doc, dtype=torch.bool)
 
 
@@ -121,12 +137,12 @@ def row_plan(kind: str, row: dict, params: MaskParams, chunk: int = CHUNK) -> li
     ``keys`` = the sink keys before the chunk's band (only of dialogues present in the chunk; BigBird's draws of
     the chunk's queries) followed by the band ``[min band_start, q1)``; key columns no query of the chunk may see
     are dropped. ``mask`` is the exact predicate on those keys."""
-    doc = row["doc_ids"][0]
+    doc = row[DOC_IDS][0]
     T = doc.shape[0]
     device = doc.device
     start = band_start(kind, row, params)
     sinks = sink_keys(kind, row, params).nonzero().squeeze(1)  # (S,) sorted
-    rand = row.get("bigbird_random_keys") if kind == "bigbird" else None
+    rand = row.get("bigbird_random_keys") if kind == BIGBIRD else None
     pred = mask_mod(kind, row, params)
     zero = torch.zeros(1, 1, dtype=torch.long, device=device)
     plan = []
@@ -157,12 +173,12 @@ class SinkAttention:
 
     def __init__(self, batch: dict, params: MaskParams = MaskParams(), chunk: int = CHUNK):
         meta = batch_meta(batch, params)
-        self.plans = [row_plan(kind, _row(meta, b), params, chunk) for b, kind in enumerate(batch["mask_kind"])]
+        self.plans = [row_plan(kind, _row(meta, b), params, chunk) for b, kind in enumerate(batch[MASK_KIND])]
         self.gather = [torch.cat([keys for _, _, keys, _ in plan]) for plan in self.plans]  # (sum K,) per row
         self.q_sizes = [[q1 - q0 for q0, q1, _, _ in plan] for plan in self.plans]
         self.k_sizes = [[keys.numel() for _, _, keys, _ in plan] for plan in self.plans]
         self.masks = [[m[None, None] for *_, m in plan] for plan in self.plans]  # (1, 1, C, K) each
-        T = meta["doc_ids"].shape[1]
+        T = meta[DOC_IDS].shape[1]
         self.keys_computed = sum(int(m.numel()) for plan in self.plans for *_, m in plan)
         self.keys_dense = len(self.plans) * T * T
 
@@ -184,9 +200,9 @@ def sinks_first_permutation(batch: dict, params: MaskParams = MaskParams()) -> t
     """``(B, T)``: per row, the positions of its sink keys (in order) then all other positions (in order)."""
     meta = batch_meta(batch, params)
     perms = []
-    for b, kind in enumerate(batch["mask_kind"]):
+    for b, kind in enumerate(batch[MASK_KIND]):
         row = _row(meta, b)
-        sink = sink_keys(kind, row, params) & (row["doc_ids"][0] >= 0)
+        sink = sink_keys(kind, row, params) & (row[DOC_IDS][0] >= 0)
         perms.append(torch.argsort((~sink).to(torch.int8), stable=True))
     return torch.stack(perms)
 
@@ -195,9 +211,9 @@ def mixed_mask_mod(batch: dict, params: MaskParams = MaskParams(), perm: torch.T
     """One FlexAttention ``mask_mod`` for a batch whose rows use different kinds; key index ``kv`` names the key
     at ``perm[b, kv]`` when a permutation is given. Indices are clamped so padded block tails stay in bounds."""
     meta = batch_meta(batch, params)
-    T = meta["doc_ids"].shape[1]
-    kinds = sorted(set(batch["mask_kind"]))
-    kind_of_row = torch.tensor([kinds.index(k) for k in batch["mask_kind"]], device=meta["doc_ids"].device)
+    T = meta[DOC_IDS].shape[1]
+    kinds = sorted(set(batch[MASK_KIND]))
+    kind_of_row = torch.tensor([kinds.index(k) for k in batch[MASK_KIND]], device=meta[DOC_IDS].device)
     mods = [mask_mod(k, meta, params) for k in kinds]
 
     def mod(b, h, q, kv):
@@ -213,7 +229,7 @@ def mixed_mask_mod(batch: dict, params: MaskParams = MaskParams(), perm: torch.T
 
     def for_row(row: int):
         """The same predicate for one row, evaluating only that row's kind (used to build the BlockMask)."""
-        m = mods[kinds.index(batch["mask_kind"][row])]
+        m = mods[kinds.index(batch[MASK_KIND][row])]
 
         def row_mod(b, h, q, kv):
             q = q.clamp(max=T - 1)
@@ -278,7 +294,7 @@ class FlexSinkAttention:
 
     def __init__(self, batch: dict, params: MaskParams = MaskParams(), block: int = 128, compiled: bool | None = None,
                  permute: bool = True):
-        doc = batch["doc_ids"]
+        doc = batch[DOC_IDS]
         B, T = doc.shape
         self.perm = sinks_first_permutation(batch, params) if permute else None  # (B, T)
         mod = mixed_mask_mod(batch, params, self.perm)
@@ -294,12 +310,12 @@ class FlexSinkAttention:
                                     enable_gqa=key.shape[1] != query.shape[1])
 
 
-def prepare_sink_attention(batch: dict, impl: str = "sink", params: MaskParams = MaskParams()):
+def prepare_sink_attention(batch: dict, impl: str = SINK, params: MaskParams = MaskParams()):
     """The per-batch attention callable ``(query (B,H,T,D), key, value (B,Hkv,T,D), scaling) -> (B,H,T,D)`` for
     ``impl`` 'sink' (chunked gather, any device, autograd) or 'flex' (FlexAttention; backward needs CUDA), under
     the mask parameters ``params`` (``MaskConfig.params()``)."""
-    if impl == "flex":
+    if impl == FLEX:
         return FlexSinkAttention(batch, params)
-    if impl != "sink":
+    if impl != SINK:
         raise ValueError(f"unknown sink attention implementation {impl!r}; expected sink or flex")
     return SinkAttention(batch, params)

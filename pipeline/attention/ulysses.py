@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from pipeline.contract import INPUT_IDS, LABELS, POSITION_IDS, TARGETS
+
 
 def check_sp_size(num_heads: int, num_kv_heads: int, sp: int) -> None:
     """THE sequence-parallel head rule, checked once before launch (``pipeline.config.RunConfig`` for a random-init
@@ -74,7 +76,7 @@ def ulysses_attention(attn_fn, group):
     return attend
 
 
-SHARDED_COLUMNS = ("input_ids", "position_ids", "targets", "labels")
+SHARDED_COLUMNS = (INPUT_IDS, POSITION_IDS, TARGETS, LABELS)
 
 
 def shard_sequence(batch: dict, rank: int, size: int) -> dict:
@@ -82,7 +84,7 @@ def shard_sequence(batch: dict, rank: int, size: int) -> dict:
     (``SHARDED_COLUMNS``, those present); the mask metadata (doc_ids, utt_ids, eou, blk) and ``mask_kind`` stay
     full length, because the attention runs on the whole sequence. ``targets`` should be shifted before the
     split (``pipeline.training.shard_loader.targets_from_labels``) so the prediction across a shard boundary is kept."""
-    T = batch["input_ids"].shape[1]
+    T = batch[INPUT_IDS].shape[1]
     if T % size:
         raise ValueError(f"sequence length {T} is not divisible by sequence_parallel_size={size}")
     n = T // size

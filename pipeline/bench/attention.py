@@ -20,9 +20,10 @@ import time
 import torch
 
 from data_prep.paths import REPO_ROOT, shared_data_dir
+from pipeline.contract import BLK, CAUSAL, DIALOGUE, DOC_IDS, EOU, MASK_KIND, POSITION_IDS, UTT_IDS
 
 DEFAULT_SEQ_LENS = (2048, 4096, 8192, 16384)
-METHODS = ("sink", "dense_mask", "causal")
+METHODS = ("sink", "dense_mask", CAUSAL)
 
 
 def msc_episode_lengths(data_dir: str | None = None, limit: int = 4000, tokenizer: str = "smollm2") -> list[list[int]]:
@@ -57,7 +58,7 @@ def msc_utterance_lengths(data_dir: str | None = None, limit: int = 4000, tokeni
     return [n for ep in msc_episode_lengths(data_dir, limit, tokenizer) for n in ep]
 
 
-def packed_batch(episodes: list[list[int]], T: int, kind: str = "dialogue") -> dict:
+def packed_batch(episodes: list[list[int]], T: int, kind: str = DIALOGUE) -> dict:
     """MSC episodes packed back to back into exactly T tokens, each ``[BOS] u1 EoU u2 EoU ...`` with its own
     ``doc_ids`` (the layout training sees after packing); episodes are taken in order (cycled), the last one cut
     at T. A query then sees at most its own episode's sinks, so the work per token is bounded."""
@@ -74,8 +75,8 @@ def packed_batch(episodes: list[list[int]], T: int, kind: str = "dialogue") -> d
             eou += [False] * n + [True]
         e += 1
     ids = torch.tensor([utt[:T]])
-    return {"doc_ids": torch.tensor([doc[:T]]), "utt_ids": ids, "blk": ids.clone(), "eou": torch.tensor([eou[:T]]),
-            "position_ids": _positions(doc[:T])[None], "mask_kind": [kind]}
+    return {DOC_IDS: torch.tensor([doc[:T]]), UTT_IDS: ids, BLK: ids.clone(), EOU: torch.tensor([eou[:T]]),
+            POSITION_IDS: _positions(doc[:T])[None], MASK_KIND: [kind]}
 
 
 def _positions(doc: list[int]) -> torch.Tensor:
@@ -87,7 +88,7 @@ def _positions(doc: list[int]) -> torch.Tensor:
     return torch.arange(len(doc)) - torch.cummax(start, 0).values
 
 
-def conversation_batch(lengths: list[int], T: int, kind: str = "dialogue") -> dict:
+def conversation_batch(lengths: list[int], T: int, kind: str = DIALOGUE) -> dict:
     """One conversation of exactly T tokens, ``[BOS] u1 EoU u2 EoU ...``, utterance lengths taken in order from
     ``lengths`` (cycled); the metadata of a batch of one row."""
     utt, eou = [0], [False]
@@ -98,8 +99,8 @@ def conversation_batch(lengths: list[int], T: int, kind: str = "dialogue") -> di
         utt += [i] * (n + 1)
         eou += [False] * n + [True]
     ids = torch.tensor([utt[:T]])
-    return {"doc_ids": torch.zeros(1, T, dtype=torch.long), "utt_ids": ids, "blk": ids.clone(),
-            "eou": torch.tensor([eou[:T]]), "position_ids": torch.arange(T)[None], "mask_kind": [kind]}
+    return {DOC_IDS: torch.zeros(1, T, dtype=torch.long), UTT_IDS: ids, BLK: ids.clone(),
+            EOU: torch.tensor([eou[:T]]), POSITION_IDS: torch.arange(T)[None], MASK_KIND: [kind]}
 
 
 def _rss_gb() -> float:
@@ -165,8 +166,8 @@ def measure(method: str, T: int, heads: int, head_dim: int, episodes: list[list[
             extra["mask_fraction"] = sum(int(m.sum()) for plan in attn.plans for *_, m in plan) / (T * T)  # allowed pairs
             out = attn(q, k, v, scale)
         elif method == "dense_mask":
-            out = DenseMaskAttention(dense_mask("dialogue", batch, params))(q, k, v, scale)  # the T×T mask built in the timing
-        elif method == "causal":
+            out = DenseMaskAttention(dense_mask(DIALOGUE, batch, params))(q, k, v, scale)  # the T×T mask built in the timing
+        elif method == CAUSAL:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         else:
             raise ValueError(f"unknown method {method!r}")
@@ -216,7 +217,7 @@ def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_di
     mean_len = sum(lengths) / len(lengths)
     result = {"setting": {"heads": heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "repeats": repeats,
                           "timing": "forward + backward, min over repeats; sink includes building its plan",
-                          "mask": "dialogue", "chunk": chunk or CHUNK, "layout": layout,
+                          "mask": DIALOGUE, "chunk": chunk or CHUNK, "layout": layout,
                           "episodes_sampled": len(episodes),
                           "mean_episode_tokens": sum(sum(ep) + len(ep) + 1 for ep in episodes) / len(episodes),
                           "utterance_lengths": "real MSC utterances (msc/*.jsonl, all sessions of each episode oldest first, SmolLM2 tokenizer, "

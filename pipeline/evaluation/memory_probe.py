@@ -10,15 +10,25 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.contract import (
+    BLK,
+    DENSE,
+    DIALOGUE_STAGE,
+    IGNORE,
+    LMR,
+    MASK_KIND,
+    MEMORY_STAGE,
+    SMR,
+    TARGETS,
+    batch_from_rows,
+)
 from pipeline.modeling.forward import forward_batch
-from pipeline.training.shard_loader import load_shards, targets_from_labels
-
-COLUMNS = ("input_ids", "labels", "position_ids", "doc_ids", "utt_ids", "eou", "blk")
+from pipeline.training.shard_loader import load_shards
 
 
 def token_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
     """(greedy hits, supervised positions) of ``(B, T, V)`` logits against aligned ``(B, T)`` targets."""
-    valid = targets != -100
+    valid = targets != IGNORE
     return int(((logits.argmax(-1) == targets) & valid).sum()), int(valid.sum())
 
 
@@ -30,19 +40,16 @@ def cut_smr_memory(blk: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def task_accuracy(model_dir: str, data_dir: str, kind: str = "smr", max_rows: int = 32, batch_size: int = 4,
+def task_accuracy(model_dir: str, data_dir: str, kind: str = SMR, max_rows: int = 32, batch_size: int = 4,
                   through_eou: bool = True) -> dict:
     """Greedy token accuracy and mean NLL of an exported model on the first ``max_rows`` rows of ``kind``.
     ``through_eou=False`` (SMR only) is the control without the memory path (``cut_smr_memory``): the
     difference between the two is what the EoU carries."""
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.attention.registry import register
+    from pipeline.modeling.loader import load_convsink_model
     from pipeline.training.losses import token_nll
 
-    register()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="convsink").eval()
-    data = load_shards(data_dir, "memory" if kind in ("smr", "lmr") else "dialogue")
+    model = load_convsink_model(model_dir)
+    data = load_shards(data_dir, MEMORY_STAGE if kind in (SMR, LMR) else DIALOGUE_STAGE)
     rows = [i for i, k in enumerate(data.mask_kind) if k == kind][:max_rows]
     if not rows:
         raise ValueError(f"{data_dir}: no '{kind}' rows")
@@ -50,15 +57,14 @@ def task_accuracy(model_dir: str, data_dir: str, kind: str = "smr", max_rows: in
     nll_sum = 0.0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        batch = {c: torch.from_numpy(data.arrays[c][chunk]).long() for c in COLUMNS}
-        batch["eou"] = batch["eou"].bool()
+        batch = batch_from_rows(data.arrays, data.mask_kind, chunk)
         if not through_eou:
-            if kind != "smr":
+            if kind != SMR:
                 raise ValueError("through_eou=False is the SMR control; it has no meaning for other kinds")
-            batch["blk"] = cut_smr_memory(batch["blk"])
-        batch["mask_kind"] = [kind] * len(chunk)
-        targets = targets_from_labels(batch["labels"])
-        logits = forward_batch(model, batch, ModelConfig(attention="dense"), impl="dense")
+            batch[BLK] = cut_smr_memory(batch[BLK])
+        batch[MASK_KIND] = [kind] * len(chunk)
+        targets = batch[TARGETS]
+        logits = forward_batch(model, batch, ModelConfig(attention=DENSE), impl=DENSE)
         h, n = token_accuracy(logits, targets)
         hits, total = hits + h, total + n
         nll_sum += float(token_nll(logits, targets)[0].sum())

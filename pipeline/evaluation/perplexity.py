@@ -15,7 +15,18 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.tokenizer_loading import encode_utterances
-from pipeline.contract import ExportInfo
+from pipeline.contract import (
+    BLK,
+    DENSE,
+    DIALOGUE,
+    DOC_IDS,
+    EOU,
+    INPUT_IDS,
+    MASK_KIND,
+    POSITION_IDS,
+    UTT_IDS,
+    ExportInfo,
+)
 
 PPL_PROTOCOL = ("ppl = exp(mean over dialogues of the per-dialogue mean token NLL over utterances 2..n, EoUs "
                 "included); ppl_token_weighted = exp(mean over all scored tokens)")
@@ -60,17 +71,17 @@ def perplexity(model, tokenizer, dialogues: list, ids, mask: str, max_tokens: in
     from pipeline.modeling.forward import forward_batch
 
     params = dict(mask_params or {})
-    params["dialogue_kind"] = "dialogue"  # the mask asked for is the mask used (not the model's training baseline)
-    cfg = ModelConfig(attention="dense", mask=MaskConfig(**params))
+    params["dialogue_kind"] = DIALOGUE  # the mask asked for is the mask used (not the model's training baseline)
+    cfg = ModelConfig(attention=DENSE, mask=MaskConfig(**params))
     per_dialogue = []
     for did, utts in tokenized(tokenizer, dialogues, max_tokens):
         lay = layout_dialogue(did, utts, ids)
         T = len(lay)
         dev = model.device
-        batch = {"input_ids": torch.tensor([lay.input_ids], device=dev), "position_ids": torch.arange(T, device=dev)[None],
-                 "doc_ids": torch.zeros(1, T, dtype=torch.long, device=dev), "utt_ids": torch.tensor([lay.utt_ids], device=dev),
-                 "eou": torch.tensor([lay.eou], device=dev), "blk": torch.tensor([lay.blk], device=dev), "mask_kind": [mask]}
-        logits = forward_batch(model, batch, cfg, impl="dense")[0]  # (T, V)
+        batch = {INPUT_IDS: torch.tensor([lay.input_ids], device=dev), POSITION_IDS: torch.arange(T, device=dev)[None],
+                 DOC_IDS: torch.zeros(1, T, dtype=torch.long, device=dev), UTT_IDS: torch.tensor([lay.utt_ids], device=dev),
+                 EOU: torch.tensor([lay.eou], device=dev), BLK: torch.tensor([lay.blk], device=dev), MASK_KIND: [mask]}
+        logits = forward_batch(model, batch, cfg, impl=DENSE)[0]  # (T, V)
         per_dialogue.append(scored_nll(logits, lay.input_ids, lay.utt_ids))
     return _summary(per_dialogue, mask=mask)
 

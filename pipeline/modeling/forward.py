@@ -9,6 +9,7 @@ import torch
 from pipeline.attention.registry import prepare_attention, resolve_impl
 from pipeline.attention.ulysses import SequenceParallel
 from pipeline.config import ModelConfig
+from pipeline.contract import DIALOGUE, INPUT_IDS, MASK_KIND, POSITION_IDS
 
 
 def attention_impl(cfg: ModelConfig, device: torch.device) -> str:
@@ -17,7 +18,7 @@ def attention_impl(cfg: ModelConfig, device: torch.device) -> str:
 
 def row_kinds(batch: dict, cfg: ModelConfig) -> list[str]:
     """Mask kind per row: 'dialogue' rows use ``cfg.mask.dialogue_kind`` (a baseline mask in comparison runs)."""
-    return [cfg.mask.dialogue_kind if k == "dialogue" else k for k in batch["mask_kind"]]
+    return [cfg.mask.dialogue_kind if k == DIALOGUE else k for k in batch[MASK_KIND]]
 
 
 def forward_batch(model, batch: dict, cfg: ModelConfig, impl: str | None = None,
@@ -26,10 +27,10 @@ def forward_batch(model, batch: dict, cfg: ModelConfig, impl: str | None = None,
     ``(B, T/P, V)`` for this rank's token slice under sequence parallelism ``sp`` of size P. ``model``: a causal
     LM loaded with ``attn_implementation="convsink"``, or a DeepSpeed engine wrapping one. The attention callable
     is built once per batch from the full-length metadata, then wrapped by ``sp``."""
-    impl = impl or attention_impl(cfg, batch["input_ids"].device)
+    impl = impl or attention_impl(cfg, batch[INPUT_IDS].device)
     meta = dict(batch, mask_kind=row_kinds(batch, cfg))
     attn = prepare_attention(meta, impl, cfg.mask.params())
     if sp is not None:
         attn, batch = sp.wrap(attn), sp.local(batch)  # input_ids, position_ids (B, T/P)
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], convsink_attn=attn, use_cache=False)
+    out = model(input_ids=batch[INPUT_IDS], position_ids=batch[POSITION_IDS], convsink_attn=attn, use_cache=False)
     return out.logits

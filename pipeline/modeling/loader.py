@@ -138,9 +138,8 @@ def tiny_model_dir() -> str:
 def load_chat_model(model_dir: str):
     """(model with the 'convsink' attention, tokenizer, ``ExportInfo``) from an exported folder, 'smollm2' or
     'tiny'."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from pipeline.attention.registry import register
 
     if model_dir == "smollm2":
         from data_prep.tokenizer_loading import load_tokenizer, prepare_tokenizer
@@ -152,7 +151,14 @@ def load_chat_model(model_dir: str):
         if model_dir == "tiny":
             model_dir = tiny_model_dir()
         info = ExportInfo.read(model_dir)
+    return load_convsink_model(model_dir), AutoTokenizer.from_pretrained(model_dir), info
+
+
+def load_convsink_model(model_dir: str):
+    """An exported folder (or 'smollm2' / 'tiny') in eval mode with the 'convsink' attention, which takes a
+    ``convsink_attn=`` callable per forward (masks, sink kernel or streaming cache)."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = {"smollm2": smollm2_model_dir, "tiny": tiny_model_dir}.get(model_dir, lambda: model_dir)()
     register()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="convsink").eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return model, tokenizer, info
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="convsink").eval()

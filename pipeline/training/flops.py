@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.attention.masks import MaskParams, check_params, mask_mod
+from pipeline.contract import BLK, DOC_IDS, EOU, POSITION_IDS, UTT_IDS
 
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -28,10 +29,10 @@ def mask_stats(batch: dict, kinds: list[str], params: MaskParams, chunk: int = 1
     parameters ``params``, counted in query chunks to bound memory."""
     check_params(params)
     attended, queries = 0.0, 0.0
-    T = batch["doc_ids"].shape[1]
+    T = batch[DOC_IDS].shape[1]
     for b, kind in enumerate(kinds):
-        row = {c: batch[c][b:b + 1] for c in ("doc_ids", "utt_ids", "eou", "blk", "position_ids") if c in batch}
-        real = row["doc_ids"][0] >= 0
+        row = {c: batch[c][b:b + 1] for c in (DOC_IDS, UTT_IDS, EOU, BLK, POSITION_IDS) if c in batch}
+        real = row[DOC_IDS][0] >= 0
         queries += float(real.sum())
         for q0 in range(0, T, chunk):
             m = _rows(kind, row, params, q0, chunk)  # (chunk, T)
@@ -40,7 +41,7 @@ def mask_stats(batch: dict, kinds: list[str], params: MaskParams, chunk: int = 1
 
 
 def _rows(kind, row, params, q0, chunk):
-    T = row["doc_ids"].shape[1]
+    T = row[DOC_IDS].shape[1]
     q = torch.arange(q0, min(T, q0 + chunk)).view(-1, 1)
     k = torch.arange(T).view(1, -1)
     return mask_mod(kind, row, params)(torch.zeros(1, 1, dtype=torch.long), None, q, k)

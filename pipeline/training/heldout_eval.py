@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.contract import MASK_KIND, TARGETS, TASKS, batch_from_rows
 from pipeline.training.losses import token_nll
-from pipeline.training.shard_loader import TENSOR_COLUMNS, ShardData, targets_from_labels
-
-TASKS = ("dialogue", "smr", "lmr")
+from pipeline.training.shard_loader import ShardData
 
 
 def eval_batches(data: ShardData, rows: int, micro_size: int, dp_rank: int, dp_size: int) -> list[dict]:
@@ -30,14 +28,7 @@ def eval_batches(data: ShardData, rows: int, micro_size: int, dp_rank: int, dp_s
         idx = [(b * dp_size + dp_rank) * micro_size + i for i in range(micro_size)]
         real = [i < n for i in idx]
         idx = [i if ok else 0 for i, ok in zip(idx, real)]
-        batch = {c: torch.from_numpy(np.ascontiguousarray(data.arrays[c][idx])) for c in TENSOR_COLUMNS}
-        for c in TENSOR_COLUMNS:
-            batch[c] = batch[c].bool() if c == "eou" else batch[c].long()
-        targets = targets_from_labels(batch["labels"])
-        targets[~torch.tensor(real)] = -100  # padding rows count nothing
-        batch["targets"] = targets
-        batch["mask_kind"] = [data.mask_kind[i] for i in idx]
-        batches.append(batch)
+        batches.append(batch_from_rows(data.arrays, data.mask_kind, idx, real=real))  # padding rows count nothing
     return batches
 
 
@@ -49,11 +40,11 @@ def evaluate(forward, batches: list[dict], local, device) -> dict:
     for b in batches:
         b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
         logits = forward(b)  # (B, T_local, V)
-        targets = local(b)["targets"]
+        targets = local(b)[TARGETS]
         nll, valid = token_nll(logits, targets)
         hits = (logits.argmax(-1) == targets) & valid
         for i, task in enumerate(TASKS):
-            rows = torch.tensor([k == task for k in b["mask_kind"]], device=nll.device)
+            rows = torch.tensor([k == task for k in b[MASK_KIND]], device=nll.device)
             buf[i] += torch.tensor([float(nll[rows].sum()), float(valid[rows].sum()), float(hits[rows].sum())],
                                    dtype=torch.float64)
     if dist.is_initialized():

@@ -13,6 +13,7 @@ import sys
 
 from data_prep.shards import read_manifest
 from pipeline.config import RunConfig, dump_config
+from pipeline.contract import MASK_KIND, MEMORY_STAGE, STAGE_KINDS
 from pipeline.training import checkpoint
 
 
@@ -82,12 +83,10 @@ def check_sequence_parallel(cfg: RunConfig, seq_len: int) -> None:
 
 def check_stage_rows(data_dir: str, manifest: dict, what: str, stage: str) -> None:
     """The shards must hold rows of the stage's mask kinds (memory: smr/lmr; dialogue: dialogue)."""
-    from pipeline.training.shard_loader import STAGE_KINDS
-
     kinds = set(STAGE_KINDS[stage])
-    have = {k for sh in manifest["shards"] for k in sh.get("mask_kind", [])}
+    have = {k for sh in manifest["shards"] for k in sh.get(MASK_KIND, [])}
     if not kinds & have:
-        hint = " (prep with data.smr.samples / data.lmr.samples)" if stage == "memory" else ""
+        hint = " (prep with data.smr.samples / data.lmr.samples)" if stage == MEMORY_STAGE else ""
         raise ValueError(f"{data_dir}: {what}no {'/'.join(sorted(kinds))} rows for the {stage} stage "
                          f"(it holds: {', '.join(sorted(have)) or 'nothing'}){hint}")
 

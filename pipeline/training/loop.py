@@ -21,9 +21,10 @@ import torch
 import torch.distributed as dist
 
 from data_prep.tokenizer_loading import SpecialIds
-from pipeline.config import RunConfig
 from pipeline.attention.masks import MaskParams
 from pipeline.attention.ulysses import SequenceParallel
+from pipeline.config import RunConfig
+from pipeline.contract import CAUSAL, EOU, MASK_KIND, TARGETS, TASKS
 from pipeline.modeling.forward import attention_impl, forward_batch, row_kinds
 from pipeline.modeling.loader import build_model
 from pipeline.training import checkpoint
@@ -109,7 +110,7 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
 
     from data_prep.shards import read_manifest
     manifest = read_manifest(data_dir)
-    ids = SpecialIds(**{k: manifest["tokenizer"][f"{k}_id"] for k in ("bos", "eou", "pad")})
+    ids = SpecialIds(**{k: manifest["tokenizer"][f"{k}_id"] for k in ("bos", EOU, "pad")})
     ds_config = deepspeed_config(cfg, world, bf16)
     keep = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None  # noqa: F841 (zero.Init)
     model = build_model(cfg.model, manifest["tokenizer"]["vocab_size"], ids, path=t.init_from)
@@ -150,14 +151,14 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
         t0 = time.time()
         micro = [micro_batch(data, step, m, micro_size=t.micro_batch_size, grad_accum=t.grad_accum,
                              dp_rank=dp_rank, dp_size=dp_size, seed=t.seed) for m in range(t.grad_accum)]
-        n_tokens = torch.tensor(float(sum(int((sp.local(b)["targets"] != -100).sum()) for b in micro)))
+        n_tokens = torch.tensor(float(sum(int((sp.local(b)[TARGETS] != -100).sum()) for b in micro)))
         dist.all_reduce(n_tokens)  # loss tokens of the global batch
         lr = scheduler.get_last_lr()[0]
         task_nll: dict[str, list[float]] = {}
         for b in micro:
             b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
             logits = forward_batch(engine, b, cfg.model, impl, sp)  # (B, T / sp, V)
-            sums = task_sums(logits, sp.local(b)["targets"], b["mask_kind"])
+            sums = task_sums(logits, sp.local(b)[TARGETS], b[MASK_KIND])
             loss = sum(s for s, _ in sums.values()) * (world * t.grad_accum / n_tokens.item())
             engine.backward(loss)
             engine.step()
@@ -208,7 +209,7 @@ def _throughput(micro: list, cfg: RunConfig, engine, n_params: int, dt: float, w
     for b in micro:
         kinds = row_kinds(b, cfg.model)
         a, q = mask_stats(b, kinds, cfg.model.mask.params())
-        c, _ = mask_stats(b, ["causal"] * len(kinds), MaskParams())
+        c, _ = mask_stats(b, [CAUSAL] * len(kinds), MaskParams())
         attended, causal, queries = attended + a, causal + c, queries + q
     buf = torch.tensor([attended, causal, queries], dtype=torch.float64)
     dist.all_reduce(buf)
@@ -224,11 +225,10 @@ def _throughput(micro: list, cfg: RunConfig, engine, n_params: int, dt: float, w
 
 def _reduce_task_losses(task_nll: dict) -> dict:
     """All-reduce per-task (sum, count) so logged losses are exact global token means."""
-    tasks = ("dialogue", "smr", "lmr")
-    buf = torch.tensor([v for task in tasks for v in task_nll.get(task, [0.0, 0.0])], dtype=torch.float64)
+    buf = torch.tensor([v for task in TASKS for v in task_nll.get(task, [0.0, 0.0])], dtype=torch.float64)
     dist.all_reduce(buf)
     out, tot_s, tot_n = {}, 0.0, 0.0
-    for i, task in enumerate(tasks):
+    for i, task in enumerate(TASKS):
         s, n = buf[2 * i].item(), buf[2 * i + 1].item()
         if n > 0:
             out[f"loss/{task}"] = s / n

@@ -9,7 +9,6 @@ import os
 import pytest
 
 from pipeline.config import ConfigError, load_config
-
 from tests.repo import REPO
 
 

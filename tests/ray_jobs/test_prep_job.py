@@ -15,6 +15,7 @@ from .ray_cluster import LocalRayCluster
 
 pytestmark = pytest.mark.slow
 from tests.repo import REPO
+
 ARGS = ["data.seq_len=1024", "data.max_dialogues=150", "data.smr.samples=10", "data.lmr.samples=10"]
 
 

@@ -22,6 +22,7 @@ from .ray_cluster import LocalRayCluster, free_port
 
 pytestmark = pytest.mark.slow
 from tests.repo import REPO
+
 TINY = """\
 data: {seq_len: 128}
 model: {max_position_embeddings: 512, hidden_size: 32, intermediate_size: 64, attention: dense}
@@ -93,10 +94,10 @@ def _listing(folder: str) -> dict[str, int]:
 def test_ray_job_submit_trains_two_workers_and_exports(job_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.training.checkpoint import checkpoint_root, latest_tag
     from pipeline.modeling.export import export_checkpoint
-    from pipeline.training.tracking import find_offline_runs, read_offline_run
     from pipeline.modeling.zero3_consolidate import consolidate_zero3
+    from pipeline.training.checkpoint import checkpoint_root, latest_tag
+    from pipeline.training.tracking import find_offline_runs, read_offline_run
 
     out = str(job_run / "run")
     final = f"step{STEPS:06d}"
@@ -165,8 +166,8 @@ def _stop(pids: set[int]) -> None:
 
 
 def test_killed_worker_restarts_from_newest_ray_checkpoint(job_run, shards, tmp_path):
-    from pipeline.training.ray_train import read_restores
     from pipeline.modeling.zero3_consolidate import consolidate_zero3
+    from pipeline.training.ray_train import read_restores
 
     steps = STEPS
     recipe = _recipe(tmp_path, steps, SAVE_EVERY)

@@ -7,9 +7,9 @@ import os
 import sys
 import time
 
-from .slurm_cluster import free_port
-
 from tests.repo import REPO
+
+from .slurm_cluster import free_port
 
 
 def job_env(**kw) -> dict:

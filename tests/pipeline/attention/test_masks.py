@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from pipeline.attention.masks import MASK_BUILDERS, MaskParams, batch_dense_mask, bigbird_random_keys, dense_mask
-
 from tests.pipeline.batches import random_packed_batch
 
 PARAMS = MaskParams(local_window=5, sink_tokens=2, sink_window=4, bigbird_global=2, bigbird_window=3, bigbird_random=2, bigbird_seed=7)

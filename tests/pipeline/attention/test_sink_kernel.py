@@ -9,12 +9,18 @@ import warnings
 import pytest
 import torch
 
-from pipeline.attention.registry import DenseMaskAttention, prepare_attention
 from pipeline.attention.masks import MaskParams, batch_dense_mask
-from pipeline.attention.sink_kernel import (FlexSinkAttention, SinkAttention, block_mask_from_mod, mixed_mask_mod, prepare_sink_attention, sinks_first_permutation)
-
-from tests.pipeline.batches import random_packed_batch
+from pipeline.attention.registry import DenseMaskAttention, prepare_attention
+from pipeline.attention.sink_kernel import (
+    FlexSinkAttention,
+    SinkAttention,
+    block_mask_from_mod,
+    mixed_mask_mod,
+    prepare_sink_attention,
+    sinks_first_permutation,
+)
 from tests.pipeline.attention.test_masks import packed_kind_batch, packed_memory_batch
+from tests.pipeline.batches import random_packed_batch
 
 PARAMS = MaskParams(local_window=16, sink_tokens=2, sink_window=16, bigbird_global=1, bigbird_window=16, bigbird_random=3,
                     bigbird_seed=1)
@@ -125,8 +131,8 @@ def test_long_rows_match_fp32_dense_for_short_dialogues():
 def test_tiny_llama_logits_and_grads_equal_dense(tokenizer):
     from data_prep.tokenizer_loading import prepare_tokenizer
     from pipeline.config import ModelConfig
-    from pipeline.modeling.loader import build_model
     from pipeline.modeling.forward import forward_batch
+    from pipeline.modeling.loader import build_model
 
     torch.manual_seed(0)
     ids = prepare_tokenizer(tokenizer)

@@ -9,14 +9,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.attention.registry import DenseMaskAttention
 from pipeline.attention.masks import batch_dense_mask
-from pipeline.attention.ulysses import (SequenceParallel, check_sp_size, heads_to_seq, seq_to_heads, shard_sequence,
-                                       ulysses_attention)
+from pipeline.attention.registry import DenseMaskAttention
 from pipeline.attention.sink_kernel import SinkAttention
+from pipeline.attention.ulysses import (
+    SequenceParallel,
+    check_sp_size,
+    heads_to_seq,
+    seq_to_heads,
+    shard_sequence,
+    ulysses_attention,
+)
 from pipeline.config import ModelConfig
 from pipeline.modeling.forward import forward_batch
-
 from tests.pipeline.batches import random_packed_batch
 
 B, H, HKV, T, D, P = 2, 4, 2, 256, 8, 2

@@ -31,9 +31,9 @@ def test_packed_layout_keeps_episodes_apart_and_bounds_the_work(shared_data):
     with T the way one growing conversation's does (bounded work per token)."""
     import torch
 
-    from pipeline.bench.attention import msc_episode_lengths, packed_batch
     from pipeline.attention.masks import dense_mask
     from pipeline.attention.sink_kernel import SinkAttention
+    from pipeline.bench.attention import msc_episode_lengths, packed_batch
 
     episodes = msc_episode_lengths(str(shared_data), limit=600)
     assert len(episodes) > 3 and all(len(ep) > 0 for ep in episodes)

@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only cost here
 
 

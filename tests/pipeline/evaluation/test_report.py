@@ -15,7 +15,6 @@ import torch
 
 from tests.repo import REPO
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only cost here
 
 
@@ -78,10 +77,10 @@ def dialogues(shared_data):
 
 def test_perplexity_is_the_mean_of_per_dialogue_means(tiny, dialogues):
     from data_prep.layout import layout_dialogue
+    from pipeline.attention.masks import dense_mask
     from pipeline.attention.registry import DenseMaskAttention
     from pipeline.contract import CacheSettings
     from pipeline.evaluation.perplexity import cache_perplexity, perplexity
-    from pipeline.attention.masks import dense_mask
 
     _, model, tok, info = tiny
     ids = info.special_ids

@@ -10,11 +10,11 @@ import re
 import pytest
 import torch
 
-from pipeline.contract import CacheSettings
-from pipeline.inference.conversation import Conversation
-from pipeline.inference.chat import encode, run_chat
-from pipeline.modeling.loader import export_random_model, load_chat_model
 from pipeline.config import ChatConfig
+from pipeline.contract import CacheSettings
+from pipeline.inference.chat import encode, run_chat
+from pipeline.inference.conversation import Conversation
+from pipeline.modeling.loader import export_random_model, load_chat_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only cost here
 

@@ -17,13 +17,12 @@ import torch
 from data_prep.adapters import iter_dialogues
 from data_prep.layout import layout_dialogue
 from data_prep.tokenizer_loading import prepare_tokenizer
+from pipeline.attention.masks import dense_mask
 from pipeline.attention.registry import DenseMaskAttention
+from pipeline.config import ChatConfig, ModelConfig
 from pipeline.contract import CacheSettings, ExportInfo
 from pipeline.inference.conversation import Conversation, decode_step, generate_batch
-from pipeline.config import ChatConfig, ModelConfig
-from pipeline.attention.masks import dense_mask
 from pipeline.modeling.loader import build_model
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only cost here
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from data_prep.tokenizer_loading import prepare_tokenizer
+from pipeline.config import ModelConfig
 from pipeline.inference import policies
 from pipeline.inference.conversation import Conversation
 from pipeline.inference.kv_store import KVStore
 from pipeline.inference.policies import CacheFacts, Keep, Reencode, make_policy
-from pipeline.config import ModelConfig
 from pipeline.modeling.loader import build_model
 
 

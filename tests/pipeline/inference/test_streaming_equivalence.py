@@ -13,12 +13,11 @@ import torch
 from data_prep.adapters import iter_dialogues
 from data_prep.layout import layout_dialogue
 from data_prep.tokenizer_loading import SpecialIds, prepare_tokenizer
-from pipeline.attention.registry import DenseMaskAttention
-from pipeline.inference.conversation import Conversation
-from pipeline.config import ModelConfig
 from pipeline.attention.masks import dense_mask
+from pipeline.attention.registry import DenseMaskAttention
+from pipeline.config import ModelConfig
+from pipeline.inference.conversation import Conversation
 from pipeline.modeling.loader import build_model
-
 from tests.repo import REPO
 
 

@@ -8,11 +8,11 @@ import torch
 
 from data_prep.config import DataConfig
 from data_prep.prep import prepare
-from pipeline.config import ModelConfig
-from pipeline.training.shard_loader import load_shards
 from pipeline.attention.masks import dense_mask
-from pipeline.modeling.loader import build_model
+from pipeline.config import ModelConfig
 from pipeline.modeling.forward import forward_batch
+from pipeline.modeling.loader import build_model
+from pipeline.training.shard_loader import load_shards
 
 
 @pytest.fixture(scope="module", params=["personachat", "msc"])

@@ -12,9 +12,9 @@ from data_prep.config import DataConfig
 from data_prep.prep import prepare
 from data_prep.tokenizer_loading import SpecialIds, load_tokenizer
 from pipeline.config import ModelConfig
-from pipeline.training.shard_loader import load_shards
-from pipeline.modeling.loader import build_model
 from pipeline.modeling.forward import forward_batch
+from pipeline.modeling.loader import build_model
+from pipeline.training.shard_loader import load_shards
 
 
 def test_new_eou_token_is_added_written_and_resizes_the_model(tmp_path, tokenizer):

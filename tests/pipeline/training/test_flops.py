@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig
 
-from pipeline.training.flops import flops_per_token, mask_stats
 from pipeline.attention.masks import MaskParams, batch_dense_mask
-
+from pipeline.training.flops import flops_per_token, mask_stats
 from tests.pipeline.batches import random_packed_batch
 
 PARAMS = MaskParams(local_window=16, sink_tokens=2, sink_window=16, bigbird_global=1, bigbird_window=16, bigbird_random=3,

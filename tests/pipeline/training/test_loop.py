@@ -17,6 +17,7 @@ from pipeline.training.tracking import find_offline_runs, read_offline_run
 
 pytestmark = pytest.mark.slow
 from tests.repo import REPO
+
 TINY = ["data.seq_len=128", "model.max_position_embeddings=512", "model.hidden_size=32", "model.intermediate_size=64",
         "train.nproc=2", "train.micro_batch_size=2", "train.grad_accum=1", "train.lr=5e-3", "train.warmup_steps=2",
         "train.max_steps=20", "train.save_every=5", "model.attention=dense"]
@@ -102,11 +103,12 @@ def test_eval_metrics_equal_a_single_process_reference(full_run, eval_shards, tm
     """eval/* at step 20 (2 ranks, ZeRO-3, a padded last batch) = the exported step-20 model on the same rows."""
     from transformers import AutoModelForCausalLM
 
+    from pipeline.attention.masks import dense_mask
     from pipeline.attention.registry import DenseMaskAttention, register
-    from pipeline.training.shard_loader import load_shards, targets_from_labels
+    from pipeline.contract import targets_from_labels
     from pipeline.modeling.export import export_checkpoint
     from pipeline.training.losses import token_nll
-    from pipeline.attention.masks import dense_mask
+    from pipeline.training.shard_loader import load_shards
 
     out, _ = full_run
     record = read_offline_run(find_offline_runs(out)[0])
@@ -167,12 +169,12 @@ def test_deepspeed_launcher_with_the_cluster_ds_config_equals_torchrun(shards, t
 
 
 def test_export_matches_engine_parameters_and_logits(shards, tmp_path):
-    from transformers import AutoModelForCausalLM
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
+    from pipeline.attention.masks import dense_mask
     from pipeline.attention.registry import DenseMaskAttention, register
     from pipeline.modeling.export import export_checkpoint
-    from pipeline.attention.masks import dense_mask
 
     cfg = load_config(None, TINY + ["train.max_steps=4", "train.save_every=4"])
     out = str(tmp_path / "run")
@@ -213,9 +215,9 @@ def test_export_matches_engine_parameters_and_logits(shards, tmp_path):
 def test_lora_training_exports_merged_weights(shards, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.training.checkpoint import checkpoint_root, latest_tag
     from pipeline.modeling.export import export_checkpoint
     from pipeline.modeling.zero3_consolidate import consolidate_zero3
+    from pipeline.training.checkpoint import checkpoint_root, latest_tag
 
     out = str(tmp_path / "lora")
     cfg = load_config(None, TINY + ["train.max_steps=3", "train.save_every=3", "model.lora.enabled=true", "model.lora.r=4",

@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-from pipeline.training.checkpoint import checkpoint_root, latest_tag
 from pipeline.config import load_config
-from pipeline.training.launch import launch_training
 from pipeline.modeling.zero3_consolidate import consolidate_zero3
+from pipeline.training.checkpoint import checkpoint_root, latest_tag
+from pipeline.training.launch import launch_training
 
 pytestmark = pytest.mark.slow
 BASE = ["data.seq_len=128", "model.max_position_embeddings=512", "model.hidden_size=32", "model.intermediate_size=64",

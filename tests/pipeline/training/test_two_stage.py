@@ -28,6 +28,7 @@ from pipeline.training.tracking import find_offline_runs, read_offline_run
 
 pytestmark = pytest.mark.slow
 from tests.repo import REPO
+
 MEMORY_STEPS, DIALOGUE_STEPS = 600, 40
 SMR = {"utterances_per_sample": 8, "max_utterance_tokens": 12}
 

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from pipeline.config import RunConfig
 from pipeline.modeling.forward import forward_batch
-from pipeline.training.shard_loader import load_shards, micro_batch
 from pipeline.training.loop import train
+from pipeline.training.shard_loader import load_shards, micro_batch
 
 cfg_path, data_dir, out_dir, probe_path = sys.argv[1:5]
 cfg = RunConfig.model_validate(json.load(open(cfg_path)))
