@@ -4,6 +4,7 @@ file or a folder so that a reader never sees it half-written."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 
@@ -51,3 +52,20 @@ def folder_written_atomically(out: str, replace: bool = True):
         shutil.rmtree(tmp, ignore_errors=True)
         if replace:
             raise
+
+
+def read_json(path: str, expect: type, what: str):
+    """The JSON value of ``path``, which must be a ``expect`` (dict or list); every failure is one line naming the
+    file: missing (``what`` says which file was expected), invalid JSON with its line, or the wrong kind of value."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(value, expect):
+        raise ValueError(f"{path}: expected a JSON {'object' if expect is dict else 'list'}")
+    return value

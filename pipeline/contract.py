@@ -49,6 +49,7 @@ from data_prep.contract import (
     TENSOR_COLUMNS,
     UTT_IDS,
 )
+from data_prep.paths import read_json
 from data_prep.tokenizer_loading import SpecialIds
 
 if TYPE_CHECKING:
@@ -194,13 +195,7 @@ class ExportInfo:
             raise FileNotFoundError(f"{model_dir}: no {EXPORT_INFO_FILE} (export a run with `convsink export`, or use --model smollm2)")
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise FileNotFoundError(f"{model_dir}: no config.json (not a Hugging Face model folder)")
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+        raw = read_json(path, dict, EXPORT_INFO_FILE)
         missing = [k for k in ("bos_token_id", "eou_token_id") if not isinstance(raw.get(k), int)]
         if missing:
             raise ValueError(f"{path}: missing or non-integer {', '.join(missing)}")

@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict
 
 from data_prep.adapters import iter_dialogues
+from data_prep.paths import read_json
 from data_prep.schema import DataError
 from pipeline.contract import DIALOGUE
 from pipeline.evaluation.metrics import score_predictions
@@ -70,15 +71,7 @@ def evaluate_model(model_dir: str, data: list[str], out: str, cache: str | None 
 
 def score_files(predictions_file: str, references: list[str], out: str) -> dict:
     """Score a JSON list of generated strings against the last utterance of each dialogue of ``references``."""
-    if not os.path.isfile(predictions_file):
-        raise FileNotFoundError(f"{predictions_file}: predictions file not found")
-    try:
-        with open(predictions_file) as f:
-            preds = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{predictions_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(preds, list):
-        raise ValueError(f"{predictions_file}: expected a JSON list of strings")
+    preds = read_json(predictions_file, list, "predictions file")
     refs = references_from(references)
     if len(preds) != len(refs):
         raise ValueError(f"{predictions_file}: {len(preds)} predictions but {len(refs)} dialogues in {', '.join(references)}")
