@@ -44,13 +44,26 @@ def cmd_train(args) -> int:
     from pipeline.config import load_config
     from pipeline.training.launch import launch_training
 
-    overrides = list(args.overrides) + ([f"train.stage={args.stage}"] if args.stage else [])
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, train_overrides(args))
     result = launch_training(cfg, args.data, args.out, resume=args.resume)
     print(f"train: checkpoint {result['checkpoint']}")
     if result.get("wandb_dir"):
         print(f"train: W&B run {result['wandb_dir']}")
     return 0
+
+
+def train_overrides(args) -> list[str]:
+    """The overrides of a training command line: key=value items, then --stage and --allow-batch-change."""
+    return (list(args.overrides) + ([f"train.stage={args.stage}"] if args.stage else [])
+            + (["train.allow_batch_change=true"] if args.allow_batch_change else []))
+
+
+def add_allow_batch_change(parser: argparse.ArgumentParser) -> None:
+    """``--allow-batch-change``, shared by ``convsink train`` and ``python -m ray_jobs.train``."""
+    parser.add_argument("--allow-batch-change", action="store_true",
+                        help="with --resume: accept another train.micro_batch_size / grad_accum than the checkpoint's "
+                             "(step s then reads samples [s*G, (s+1)*G) of the new global batch G: the same samples when G "
+                             "is unchanged; see pipeline/training/resume_guard.py)")
 
 
 def cmd_export(args) -> int:
@@ -220,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="run folder (checkpoints, W&B run)")
     s.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     s.add_argument("--stage", choices=STAGES, help="memory = SMR+LMR samples, dialogue = dialogue fine-tuning (default: the recipe's train.stage)")
+    add_allow_batch_change(s)
     s.add_argument("overrides", nargs="*", help=_overrides_help())
     s.set_defaults(fn=cmd_train)
 

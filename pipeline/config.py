@@ -107,6 +107,7 @@ class TrainConfig(Strict):
     memory_steps: int | None = Field(None, ge=1, description="steps of the memory stage in `convsink run` when the data has SMR/LMR samples (None = max_steps)")
     peak_tflops: float | None = Field(None, gt=0, description="per-device peak TFLOP/s for the MFU estimate; None = known GPUs only (H100/H200 bf16 989, A100 312)")
     stop_at_step: int | None = Field(None, ge=1, description="end this launch after this step (with a checkpoint); the schedule still follows max_steps, --resume continues")
+    allow_batch_change: bool = Field(False, description="--resume may change micro_batch_size / grad_accum (world size fixed); data-order rule: pipeline/training/resume_guard.py")
     init_from: str | None = Field(None, description="start from this exported model folder (e.g. the memory stage's export)")
     eval_data: str | None = Field(None, description="held-apart shard folder (`convsink prep` of dialogues kept out of training) evaluated every eval_every steps")
     eval_every: int = Field(0, ge=0, description="evaluate on eval_data every N optimizer steps and at the end (0 = never)")

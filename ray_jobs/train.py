@@ -1,7 +1,7 @@
 """Training as a Ray job (the same arguments as `convsink train`; ranks are Ray Train workers):
 
     ray job submit --working-dir . --runtime-env-json '{"excludes": [".venv", ".git", "runs"]}' \
-        -- python -m ray_jobs.train --config FILE --data DIR --out DIR [--resume] [key=value ...]
+        -- python -m ray_jobs.train --config FILE --data DIR --out DIR [--resume [--allow-batch-change]] [key=value ...]
 
 Inside a job, RAY_ADDRESS is set and the run joins that cluster; run directly, it starts an embedded Ray. Workers
 that fail are restarted from the newest checkpoint (``--max-failures`` times). DATA and OUT must be paths every
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.cli import add_allow_batch_change
 from pipeline.contract import STAGES
 
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (checkpoints, W&B run)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--stage", choices=STAGES, help="memory = SMR+LMR samples, dialogue = dialogue fine-tuning (default: the recipe's train.stage)")
+    add_allow_batch_change(p)
     p.add_argument("--num-workers", type=int, help="Ray Train workers (default: train.nproc x train.nnodes)")
     p.add_argument("--storage-path", help="Ray Train storage (default: OUT/ray); must be reachable from every node")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the newest checkpoint (default 2)")
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import USER_ERRORS
+    from pipeline.cli import USER_ERRORS, train_overrides
     from pipeline.config import OVERRIDE, load_config
     from pipeline.training.launch import TrainingFailed
     from pipeline.training.ray_train import ray_train
@@ -43,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized argument: {item}")
         args.overrides.append(item)
     try:
-        overrides = list(args.overrides) + ([f"train.stage={args.stage}"] if args.stage else [])
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, train_overrides(args))
         result = ray_train(cfg, args.data, args.out, resume=args.resume, num_workers=args.num_workers,
                            storage_path=args.storage_path, max_failures=args.max_failures)
     except USER_ERRORS as e:

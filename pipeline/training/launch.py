@@ -11,10 +11,12 @@ import shutil
 import subprocess
 import sys
 
+from data_prep.paths import folder_written_atomically, write_text_atomic
 from data_prep.shards import read_manifest
 from pipeline.config import RunConfig, dump_config
 from pipeline.contract import MASK_KIND, MEMORY_STAGE, STAGE_KINDS
-from pipeline.training import checkpoint
+from pipeline.training import checkpoint, run_lock
+from pipeline.training.resume_guard import check_resume
 
 
 class TrainingFailed(RuntimeError):
@@ -30,13 +32,36 @@ def check_run_dir(out_dir: str, resume: bool) -> None:
         raise FileExistsError(f"{out_dir}: already holds checkpoint {tag}; pass --resume to continue it or choose a new --out")
 
 
-def prepare_run_dir(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool) -> str:
-    """Check everything a user can get wrong, then write OUT/config.json (resolved recipe, no secrets),
-    OUT/data.json (tokenizer ids, fingerprint) and OUT/tokenizer/. Returns the config path."""
+def prepare_run_dir(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool, world_size: int | None = None) -> str:
+    """Check everything a user can get wrong, lock OUT for this process (``run_lock``: one writer per run folder),
+    then write OUT/config.json (resolved recipe, no secrets), OUT/data.json (tokenizer ids, fingerprint) and
+    OUT/tokenizer/, each replaced whole. A ``--resume`` must keep what its checkpoint recorded (``resume_guard``).
+    ``world_size``: the ranks that will train (default ``train.nproc x train.nnodes``). Returns the config path."""
     manifest = read_manifest(data_dir)
+    world = world_size or cfg.train.nproc * cfg.train.nnodes
+    if not os.path.isdir(out_dir):  # no one holds it; a bad recipe or a --resume must not create it
+        check_all(cfg, data_dir, manifest, out_dir, resume, world)
+    with run_lock.holding(out_dir):  # an existing folder: a busy one is named before anything else about it
+        notice = check_all(cfg, data_dir, manifest, out_dir, resume, world)  # (again: it may have changed meanwhile)
+        cfg_path = os.path.join(out_dir, "config.json")
+        write_text_atomic(cfg_path, json.dumps(dump_config(cfg), indent=2))
+        write_text_atomic(os.path.join(out_dir, "data.json"), json.dumps(
+            {"data_dir": os.path.abspath(data_dir), "fingerprint": manifest.get("fingerprint"),
+             "seq_len": manifest["seq_len"], "tokenizer": manifest["tokenizer"]}, indent=2))
+        with folder_written_atomically(os.path.join(out_dir, "tokenizer")) as tmp:
+            shutil.copytree(os.path.join(data_dir, "tokenizer"), tmp, dirs_exist_ok=True)
+    if notice:
+        print(notice, flush=True)
+    return cfg_path
+
+
+def check_all(cfg: RunConfig, data_dir: str, manifest: dict, out_dir: str, resume: bool, world_size: int) -> str | None:
+    """Every check of a launch, the run folder's first (a resume's mismatch is named before what it implies); returns
+    the data-order notice of an allowed batch change of a resume."""
+    check_run_dir(out_dir, resume)
+    notice = check_resume(out_dir, cfg, manifest.get("fingerprint"), world_size, data_dir) if resume else None
     if manifest["seq_len"] > cfg.model.max_position_embeddings and cfg.model.path is None:
         raise ValueError(f"{data_dir}: shards have seq_len {manifest['seq_len']} > model.max_position_embeddings")
-    check_run_dir(out_dir, resume)
     check_stage_rows(data_dir, manifest, "", cfg.train.stage)
     check_sequence_parallel(cfg, manifest["seq_len"])
     if cfg.train.init_from and not os.path.isfile(os.path.join(cfg.train.init_from, "config.json")):
@@ -45,16 +70,7 @@ def prepare_run_dir(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool) -
         check_eval_data(cfg, manifest)
     if not os.path.isdir(os.path.join(data_dir, "tokenizer")):
         raise FileNotFoundError(f"{data_dir}: no tokenizer/ folder (re-run `convsink prep`)")
-    os.makedirs(out_dir, exist_ok=True)
-    cfg_path = os.path.join(out_dir, "config.json")
-    with open(cfg_path, "w") as f:
-        json.dump(dump_config(cfg), f, indent=2)
-    with open(os.path.join(out_dir, "data.json"), "w") as f:
-        json.dump({"data_dir": os.path.abspath(data_dir), "fingerprint": manifest.get("fingerprint"),
-                   "seq_len": manifest["seq_len"], "tokenizer": manifest["tokenizer"]}, f, indent=2)
-    shutil.rmtree(os.path.join(out_dir, "tokenizer"), ignore_errors=True)
-    shutil.copytree(os.path.join(data_dir, "tokenizer"), os.path.join(out_dir, "tokenizer"))
-    return cfg_path
+    return notice
 
 
 def check_sequence_parallel(cfg: RunConfig, seq_len: int) -> None:
@@ -105,6 +121,7 @@ def check_eval_data(cfg: RunConfig, manifest: dict) -> None:
         raise ValueError(f"{t.eval_data}: shards have seq_len {ev['seq_len']} > model.max_position_embeddings")
 
 
+@run_lock.releases_run_lock
 def launch_training(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False) -> dict:
     """Validate, prepare OUT, run the launcher, and return OUT/result.json."""
     cfg_path = prepare_run_dir(cfg, data_dir, out_dir, resume)

@@ -31,6 +31,7 @@ from pipeline.training import checkpoint
 from pipeline.training.flops import flops_per_token, mask_stats, non_embedding_params, peak_memory_gb, peak_tflops
 from pipeline.training.heldout_eval import eval_batches, evaluate
 from pipeline.training.losses import task_sums
+from pipeline.training.resume_guard import run_identity
 from pipeline.training.shard_loader import load_shards, micro_batch
 from pipeline.training.tracking import init_wandb, progress
 
@@ -184,9 +185,9 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update(1)
         if (step + 1) % t.save_every == 0 or step + 1 == last:
-            tag = checkpoint.save(engine, root, step + 1, {"step": step + 1, "world_size": world, "seed": t.seed, "stage": t.stage,
-                                                            "samples_seen": (step + 1) * t.micro_batch_size * t.grad_accum * world},
-                                  t.keep_last)
+            state = {"step": step + 1, **run_identity(cfg, manifest.get("fingerprint"), world),  # what a resume must keep
+                     "samples_seen": (step + 1) * t.micro_batch_size * t.grad_accum * dp_size}  # the stream's position
+            tag = checkpoint.save(engine, root, step + 1, state, t.keep_last)
             if on_checkpoint is not None:
                 on_checkpoint(os.path.join(root, tag), step + 1, metrics)
     bar.close()

@@ -32,6 +32,7 @@ from data_prep.ray_cluster import ensure_ray
 from pipeline.config import RunConfig
 from pipeline.training import checkpoint
 from pipeline.training.launch import TrainingFailed, prepare_run_dir
+from pipeline.training.run_lock import releases_run_lock
 
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
 STATE_FILE = "convsink_state.json"
@@ -48,6 +49,7 @@ def cpu_share(total_cpus: float, num_workers: int) -> float:
     return float(int(share)) if share >= 1 else max(0.01, int(share * 100) / 100)
 
 
+@releases_run_lock
 def ray_train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, num_workers: int | None = None,
               storage_path: str | None = None, max_failures: int = 2, cpus_per_worker: float | None = None) -> dict:
     """Validate and prepare OUT (as ``convsink train`` does), run the training on Ray Train and return
@@ -56,10 +58,10 @@ def ray_train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False,
     ``max_failures``: worker-group restarts allowed (each resumes from the newest checkpoint).
     ``cpus_per_worker``: Ray CPUs each worker asks for (default ``cpu_share`` of the cluster's CPUs)."""
     data_dir, out_dir = os.path.abspath(data_dir), os.path.abspath(out_dir)
-    cfg_path = prepare_run_dir(cfg, data_dir, out_dir, resume)  # user errors stop here, before Ray starts
     n = num_workers or cfg.train.nproc * cfg.train.nnodes
     if n % cfg.train.sequence_parallel_size:
         raise ValueError(f"{n} workers are not divisible by train.sequence_parallel_size={cfg.train.sequence_parallel_size}")
+    cfg_path = prepare_run_dir(cfg, data_dir, out_dir, resume, world_size=n)  # user errors stop here, before Ray starts
     ray = ensure_ray(temp_tag="ct")
     import torch
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
