@@ -3,7 +3,7 @@
     OUT/config.json  model.safetensors  tokenizer files  generation_config.json  convsink.json
 
 ``convsink.json`` names the EoU token and the mask and cache settings the model was trained for. The folder is
-written under a temporary name and renamed when complete.
+written under a temporary name and renamed when complete; it replaces only an earlier export (``check_export_out``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from data_prep.paths import folder_written_atomically
 from pipeline.config import RunConfig
-from pipeline.contract import CacheSettings, ExportInfo
+from pipeline.contract import EXPORT_INFO_FILE, CacheSettings, ExportInfo
 from pipeline.modeling.zero3_consolidate import consolidate_zero3
 from pipeline.training import checkpoint
 
@@ -24,6 +24,21 @@ from pipeline.training import checkpoint
 def _run_dir_of(path: str) -> str:
     root = checkpoint.checkpoint_root(path)
     return os.path.dirname(os.path.normpath(root)) if os.path.basename(os.path.normpath(root)) == "checkpoints" else path
+
+
+def check_export_out(out: str, run_dir: str) -> None:
+    """Export replaces ``out`` whole, so ``out`` must neither be nor lie inside nor contain the run folder, and an
+    existing ``out`` must be an earlier export (it holds convsink.json); anything else is refused, never deleted."""
+    o, r = os.path.realpath(out), os.path.realpath(run_dir)
+    if os.path.commonpath([o, r]) == r:
+        raise ValueError(f"{out}: --out is inside the run folder {run_dir} (exporting there would replace the run's files); "
+                         "choose a folder outside it")
+    if os.path.commonpath([o, r]) == o:
+        raise ValueError(f"{out}: --out contains the run folder {run_dir} (exporting there would delete the run); "
+                         "choose a folder outside it")
+    if os.path.lexists(out) and not os.path.isfile(os.path.join(out, EXPORT_INFO_FILE)):
+        raise FileExistsError(f"{out}: exists and is not an exported model folder (no {EXPORT_INFO_FILE}); "
+                              "choose a new --out, or remove it yourself")
 
 
 def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None) -> str:
@@ -37,6 +52,7 @@ def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None) -> 
     if tag is None or not os.path.isdir(os.path.join(root, tag)):
         raise FileNotFoundError(f"{checkpoint_dir}: no complete checkpoint to export")
     run_dir = _run_dir_of(checkpoint_dir)
+    check_export_out(out, run_dir)
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{run_dir}: no config.json (is this a `convsink train` output folder?)")
