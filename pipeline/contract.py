@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from data_prep.contract import (
@@ -174,12 +174,9 @@ class ExportInfo:
 
     def to_json(self) -> dict:
         """The file's content, keys in a fixed order (``source`` only when known)."""
-        d = asdict(self)
-        out = {"version": d["version"], "bos_token_id": d["bos_token_id"], "eou_token_id": d["eou_token_id"],
-               "pad_token_id": d["pad_token_id"], "eou_token": d["eou_token"], "mask": d["mask"], "cache": d["cache"]}
-        if self.source is not None:
-            out["source"] = d["source"]
-        return out
+        out = {"version": self.version, "bos_token_id": self.bos_token_id, "eou_token_id": self.eou_token_id,
+               "pad_token_id": self.pad_token_id, "eou_token": self.eou_token, "mask": self.mask, "cache": self.cache}
+        return out if self.source is None else dict(out, source=self.source)
 
     def write(self, folder: str) -> None:
         with open(os.path.join(folder, EXPORT_INFO_FILE), "w") as f:

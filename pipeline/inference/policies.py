@@ -39,8 +39,6 @@ from pipeline.contract import (
     STREAMINGLLM_CACHE,
 )
 
-POLICIES = CACHE_POLICIES
-
 
 @dataclass(frozen=True)
 class CacheFacts:
@@ -74,7 +72,7 @@ Decision = Union[Keep, Reencode, None]  # None: keep everything
 
 
 class CachePolicy(Protocol):
-    """What every policy has: a name (one of ``POLICIES``) and two hooks that read facts and return a decision."""
+    """What every policy has: a name (one of ``CACHE_POLICIES``) and two hooks that read facts and return a decision."""
 
     name: str
 
@@ -152,4 +150,4 @@ def make_policy(name: str, sink_tokens: int = 4, window: int = 256) -> CachePoli
         return StreamingLLMPolicy(sink_tokens, window)
     if name == RECOMPUTE_CACHE:
         return RecomputePolicy(window)
-    raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")
+    raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(CACHE_POLICIES)}")

@@ -31,7 +31,7 @@ from pipeline.training import checkpoint
 FINGERPRINT, WORLD_SIZE, SP_SIZE, MICRO_BATCH, GRAD_ACCUM, SEED, STAGE = (
     "fingerprint", "world_size", "sp_size", "micro_batch_size", "grad_accum", "seed", "stage")
 BATCH_FIELDS = (MICRO_BATCH, GRAD_ACCUM)  # what train.allow_batch_change lets a resume change
-LABELS = {FINGERPRINT: "data fingerprint", WORLD_SIZE: "world size", SP_SIZE: "train.sequence_parallel_size",
+FIELD_NAMES = {FINGERPRINT: "data fingerprint", WORLD_SIZE: "world size", SP_SIZE: "train.sequence_parallel_size",
           MICRO_BATCH: "train.micro_batch_size", GRAD_ACCUM: "train.grad_accum", SEED: "train.seed", STAGE: "train.stage"}
 _HINTS = {
     WORLD_SIZE: " (train.nproc x train.nnodes, or --num-workers): DeepSpeed cannot load ZeRO's per-rank optimizer state "
@@ -64,11 +64,11 @@ def check_resume(out_dir: str, cfg: RunConfig, fingerprint: str | None, world_si
     allowed = BATCH_FIELDS if cfg.train.allow_batch_change else ()
     for name, value in now.items():
         if name not in saved:
-            raise ValueError(f"{out_dir}: checkpoint {tag} records no {LABELS[name]} (saved by an older convsink), so "
+            raise ValueError(f"{out_dir}: checkpoint {tag} records no {FIELD_NAMES[name]} (saved by an older convsink), so "
                              "this resume cannot be checked; start a new run (train.init_from=EXPORT keeps the weights)")
         if saved[name] != value and name not in allowed:
             hint = f" (--data {data_dir} holds other shards than the run trained on)" if name == FINGERPRINT else _HINTS.get(name, "")
-            raise ValueError(f"{out_dir}: --resume with {LABELS[name]} {value} but checkpoint {tag} was saved with "
+            raise ValueError(f"{out_dir}: --resume with {FIELD_NAMES[name]} {value} but checkpoint {tag} was saved with "
                              f"{saved[name]}{hint}")
     if all(saved[n] == now[n] for n in BATCH_FIELDS):
         return None

@@ -12,10 +12,10 @@ import torch
 
 from pipeline.attention.masks import MASK_BUILDERS, MaskParams, batch_dense_mask, bigbird_random_keys, dense_mask
 from tests.pipeline.batches import random_packed_batch
+from tests.pipeline.mask_reference import check_against_reference
 
 PARAMS = MaskParams(local_window=5, sink_tokens=2, sink_window=4, bigbird_global=2, bigbird_window=3, bigbird_random=2, bigbird_seed=7)
 KINDS = ["causal", "dialogue", "smr", "lmr", "local", "streamingllm", "bigbird"]
-COLUMNS = ("doc_ids", "utt_ids", "eou", "blk", "position_ids")
 
 
 # --- exact memory-task layouts (the batch contract), packed several per row ------------------------------------
@@ -103,72 +103,24 @@ def packed_kind_batch(kind: str, T: int, seed: int = 0, B: int = 2) -> dict:
     return pack(rows, [kind] * B, T)
 
 
-# --- the reference, per element, from method.md ----------------------------------------------------------------
-
-def reference(kind: str, row: dict, params: MaskParams = PARAMS, rand=None) -> torch.Tensor:
-    doc, utt, eou, blk, pos = (row[c].tolist() for c in COLUMNS)
-    T = len(doc)
-    first = {}
-    for i in range(T):
-        if utt[i] == 0:
-            first.setdefault(doc[i], i)  # the BOS of each dialogue
-    eou_of_block = {(doc[i], blk[i]): i for i in range(T) if eou[i]}
-    m = torch.zeros(T, T, dtype=torch.bool)
-    for q in range(T):
-        for k in range(T):
-            if not (k <= q and doc[k] == doc[q]):
-                continue
-            is_first = k == first.get(doc[q])
-            if kind == "causal":
-                ok = True
-            elif kind == "dialogue":
-                ok = is_first or eou[k] or utt[k] == utt[q] or utt[k] == utt[q] - 1
-            elif kind == "smr":
-                copy_q = blk[q] > 0 and blk[q] % 2 == 0
-                ok = is_first or blk[k] == blk[q] or (copy_q and k == eou_of_block.get((doc[q], blk[q] - 1)))
-            elif kind == "lmr":
-                response_q = utt[q] > 0 and utt[q] % 2 == 0  # query of pair p has utt 2p-1, its response 2p
-                in_its_query = blk[k] == blk[q] and utt[k] == utt[q] - 1
-                ok = is_first or eou[k] or utt[k] == utt[q] or (response_q and in_its_query)
-            elif kind == "local":
-                ok = q - k < params.local_window
-            elif kind == "streamingllm":
-                ok = pos[k] < params.sink_tokens or q - k < params.sink_window
-            elif kind == "bigbird":
-                ok = pos[k] < params.bigbird_global or q - k < params.bigbird_window or k in rand[q]
-            else:
-                raise AssertionError(kind)
-            m[q, k] = ok
-    return m
-
-
-def check_against_reference(batch: dict, mask: torch.Tensor, kinds: list[str]) -> None:
-    rand = bigbird_random_keys(batch, PARAMS.bigbird_random, PARAMS.bigbird_seed)
-    for b, kind in enumerate(kinds):
-        row = {c: batch[c][b] for c in COLUMNS}
-        ref = reference(kind, row, rand=rand[b].tolist())
-        bad = (mask[b] != ref).nonzero()
-        assert bad.numel() == 0, f"{kind} row {b}: differs at (q, k) = {bad[:5].tolist()}"
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_dense_mask_equals_reference_on_random_packed_rows(kind):
     batch = random_packed_batch(2, 96, [kind, kind], seed=3)
     assert (batch["doc_ids"][:, -1] == -1).all() and batch["doc_ids"].max() >= 2  # several docs, padding at the end
-    check_against_reference(batch, dense_mask(kind, batch, PARAMS), [kind, kind])
+    check_against_reference(batch, dense_mask(kind, batch, PARAMS), [kind, kind], PARAMS)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_dense_mask_equals_reference_on_natural_layouts(kind):
     batch = packed_kind_batch(kind, 90, seed=11)
-    check_against_reference(batch, dense_mask(kind, batch, PARAMS), [kind, kind])
+    check_against_reference(batch, dense_mask(kind, batch, PARAMS), [kind, kind], PARAMS)
 
 
 def test_mixed_batch_uses_each_rows_kind():
     batch = random_packed_batch(len(KINDS), 64, KINDS, seed=5)
-    check_against_reference(batch, batch_dense_mask(batch, PARAMS), KINDS)
+    check_against_reference(batch, batch_dense_mask(batch, PARAMS), KINDS, PARAMS)
     memory = packed_memory_batch()
-    check_against_reference(memory, batch_dense_mask(memory, PARAMS), ["smr", "lmr"])
+    check_against_reference(memory, batch_dense_mask(memory, PARAMS), ["smr", "lmr"], PARAMS)
 
 
 def test_kinds_really_differ():

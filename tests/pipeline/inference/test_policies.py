@@ -10,6 +10,7 @@ import torch
 
 from data_prep.tokenizer_loading import prepare_tokenizer
 from pipeline.config import ModelConfig
+from pipeline.contract import CACHE_POLICIES
 from pipeline.inference import policies
 from pipeline.inference.conversation import Conversation
 from pipeline.inference.kv_store import KVStore
@@ -35,7 +36,7 @@ def test_policies_decide_from_plain_metadata_alone():
     utt = torch.tensor([0, 1, 1, 1, 1, 2, 2, 3, 3, 3])
     eou = torch.tensor([False, False, False, False, True, False, True, False, False, True])
     facts = CacheFacts(utt=utt, eou=eou, utterance=4, history_tokens=25)
-    pols = {name: make_policy(name, sink_tokens=2, window=3) for name in policies.POLICIES}
+    pols = {name: make_policy(name, sink_tokens=2, window=3) for name in CACHE_POLICIES}
     for name, policy in pols.items():
         assert policy.name == name
         assert all(isinstance(v, int) for v in vars(policy).values()), name  # holds settings, nothing else

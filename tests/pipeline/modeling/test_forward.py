@@ -13,6 +13,7 @@ from pipeline.config import ModelConfig
 from pipeline.modeling.forward import forward_batch
 from pipeline.modeling.loader import build_model
 from pipeline.training.shard_loader import load_shards
+from tests.pipeline.mask_reference import COLUMNS, reference
 
 
 @pytest.fixture(scope="module", params=["personachat", "msc"])
@@ -22,21 +23,6 @@ def packed(request, tmp_path_factory, shared_data):
     out = tmp_path_factory.mktemp(request.param) / "shards"
     prepare([str(src)], str(out), DataConfig(seq_len=384, max_dialogues=40, engine="local"), progress=False)
     return load_shards(str(out))
-
-
-def reference_dialogue_mask(doc, utt, eou):
-    """method.md §2 written per element: k<=q, same dialogue, and (k is BOS, an EoU, same or previous utterance)."""
-    T = len(doc)
-    first = {}
-    for i in range(T):
-        first.setdefault(doc[i], i)
-    m = torch.zeros(T, T, dtype=torch.bool)
-    for q in range(T):
-        for k in range(q + 1):
-            if doc[k] != doc[q]:
-                continue
-            m[q, k] = k == first[doc[q]] or eou[k] or utt[k] == utt[q] or utt[k] == utt[q] - 1
-    return m
 
 
 def most_packed_rows(data, n: int) -> dict:
@@ -55,9 +41,9 @@ def test_dialogue_mask_equals_reference_and_stays_inside_dialogues(packed):
     batch = most_packed_rows(packed, 2)
     mask = dense_mask("dialogue", batch)
     for b in range(2):
-        doc, utt, eou = (batch[c][b].tolist() for c in ("doc_ids", "utt_ids", "eou"))
-        assert len(set(d for d in doc if d >= 0)) >= 2, "the row should pack several dialogues"
-        assert torch.equal(mask[b], reference_dialogue_mask(doc, utt, eou))
+        row = {c: batch[c][b] for c in COLUMNS}
+        assert len(set(d for d in row["doc_ids"].tolist() if d >= 0)) >= 2, "the row should pack several dialogues"
+        assert torch.equal(mask[b], reference("dialogue", row))
         d = batch["doc_ids"][b]
         cross = mask[b] & (d[:, None] != d[None, :])
         assert not cross.any()
