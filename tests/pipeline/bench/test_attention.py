@@ -57,11 +57,12 @@ def test_work_peak_rss_is_reset_before_the_timed_work():
 
     from pipeline.bench.attention import _peak_rss_gb, _reset_peak_rss, _rss_gb
 
-    big = np.ones(300 * 2**20 // 8)  # a high-water mark of +300 MB ...
-    del big
+    big = np.ones(200 * 2**20 // 8)  # a high-water mark of +200 MB ...
+    del big  # (the allocator may keep these pages resident and hand them to `work` below)
     assert _reset_peak_rss()
     before = _rss_gb()
-    assert _peak_rss_gb() - before < 0.1  # ... forgotten after the reset
-    work = np.ones(100 * 2**20 // 8)
-    assert 0.09 < _peak_rss_gb() - before < 0.2
+    assert _peak_rss_gb() - before < 0.05  # ... forgotten after the reset: the peak is today's RSS
+    work = np.ones(400 * 2**20 // 8)  # 400 MB: at least 200 MB of new pages even if all of big's are reused
+    assert _peak_rss_gb() >= _rss_gb() - 0.01  # the peak follows the timed work
+    assert 0.15 < _peak_rss_gb() - before < 0.45
     del work
