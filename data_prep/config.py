@@ -2,15 +2,62 @@
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer, model_validator
+
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ``${NAME}`` in a string value of a recipe
+
+
+def env_refs(value) -> list[str]:
+    """The environment variables a config value (a string, or a list of them) refers to as ``${NAME}``."""
+    if isinstance(value, str):
+        return ENV_REF.findall(value)
+    if isinstance(value, list):
+        return [name for v in value for name in env_refs(v)]
+    return []
+
+
+def expand_env(value):
+    """``value`` with every ``${NAME}`` whose variable is set replaced by it (an unset one is left as written, so
+    opening the value names it)."""
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    return ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(0)), value) if isinstance(value, str) else value
 
 
 class Strict(BaseModel):
-    """Base for config sections: unknown keys and wrong types are errors, values are re-validated on assignment."""
+    """Base for config sections: unknown keys and wrong types are errors (strict: no ``"20"`` or ``20.0`` for an
+    int, no ``1`` or ``"true"`` for a bool; an int is a fine float), values are re-validated on assignment.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=False)
+    ``${NAME}`` in a string value is expanded when the section is validated (the code that opens things sees the
+    value) and kept as written in every dump (``model_dump``/``model_dump_json``: what config.json, the W&B config
+    and the manifest store), unless code has since set the field to another value."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    _as_written: dict = PrivateAttr(default_factory=dict)  # field -> (value as written, value expanded then)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _expand_env_refs(cls, data, handler):
+        written = {}
+        if isinstance(data, dict):
+            written = {k: (v, expand_env(v)) for k, v in data.items() if k in cls.model_fields and env_refs(v)}
+            data = {k: written[k][1] if k in written else v for k, v in data.items()}
+        section = handler(data)
+        if written:
+            section._as_written = {**section._as_written, **written}
+        return section
+
+    @model_serializer(mode="wrap")
+    def _dump_as_written(self, handler):
+        out = handler(self)
+        for k, (raw, expanded) in self._as_written.items():
+            if k in out and getattr(self, k) == expanded:
+                out[k] = raw
+        return out
 
 
 class SMRConfig(Strict):

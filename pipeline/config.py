@@ -1,6 +1,7 @@
 """Typed recipes: YAML files validated into pydantic models, with ``key=value`` overrides.
 
 Any unknown key, wrong type or impossible value stops before any work with one line naming the file and key.
+Types are strict (``data_prep.config.Strict``); ``${VAR}`` values are expanded for use and stored as written.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from data_prep.config import DataConfig, Strict
+from data_prep.config import DataConfig, Strict, env_refs
 from pipeline.contract import (
     ABSOLUTE,
     ATTENTION_IMPLS,
@@ -112,7 +113,10 @@ class TrainConfig(Strict):
     eval_data: str | None = Field(None, description="held-apart shard folder (`convsink prep` of dialogues kept out of training) evaluated every eval_every steps")
     eval_every: int = Field(0, ge=0, description="evaluate on eval_data every N optimizer steps and at the end (0 = never)")
     eval_rows: int = Field(64, ge=1, description="rows of eval_data (of this stage's mask kinds) per evaluation")
+    launch_timeout_s: int | None = Field(None, ge=1, description="stop a launch whose ranks have not all exited after this many seconds (a hung rank), showing the tail of their output; None = no limit")
     ds_config: str | None = Field(None, description="a DeepSpeed JSON from ds_configs/ ('auto' values are filled from this recipe); None = built from the fields above")
+    activation_checkpointing: bool = Field(False, description="recompute each decoder layer in backward (non-reentrant): activations of one layer at a time instead of all")
+    loss_chunk: int | None = Field(None, ge=1, description="lm_head + cross-entropy over chunks of this many tokens, each chunk's logits recomputed in backward (None = the whole (T, V) logits at once)")
 
     @model_validator(mode="after")
     def _lr(self):
@@ -191,7 +195,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
         raise ConfigError(f"command line: override {text!r} is not key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = read_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -207,23 +211,30 @@ def _set(tree: dict, path: list[str], value, where: str) -> None:
     node[path[-1]] = value
 
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def _expand_env(node, where: str, key: str = ""):
-    """Replace ``${NAME}`` in string values by the environment variable (recipes for clusters name their paths
-    this way); an unset variable is an error naming the key."""
+def check_env_set(node, where: str, key: str = "") -> None:
+    """Every ``${NAME}`` in the recipe names a set environment variable; an unset one is an error naming the key.
+    (The values stay as written: ``data_prep.config.Strict`` expands them where they are used, never where stored.)"""
     if isinstance(node, dict):
-        return {k: _expand_env(v, where, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_expand_env(v, where, key) for v in node]
-    if isinstance(node, str):
-        def sub(m):
-            if m.group(1) not in os.environ:
-                raise ConfigError(f"{where}: {key}: environment variable {m.group(1)} is not set")
-            return os.environ[m.group(1)]
-        return _ENV.sub(sub, node)
-    return node
+        for k, v in node.items():
+            check_env_set(v, where, f"{key}.{k}" if key else str(k))
+        return
+    for name in env_refs(node):
+        if name not in os.environ:
+            raise ConfigError(f"{where}: {key}: environment variable {name} is not set")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``3e-4`` (an exponent without a dot, YAML 1.2) as a float, not a string:
+    under strict types that string would be an error for a float field."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text_or_file):
+    """A recipe or an override value as YAML (``RecipeLoader``)."""
+    return yaml.load(text_or_file, Loader=RecipeLoader)
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -235,12 +246,12 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"{path}: config file not found")
         with open(path) as f:
             try:
-                tree = yaml.safe_load(f) or {}
+                tree = read_yaml(f) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        tree = _expand_env(tree, path)
+        check_env_set(tree, path)
         try:
             RunConfig.model_validate(tree)
         except ValidationError as e:
@@ -250,6 +261,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
         keys, value = parse_override(text)
         _set(tree, keys, value, "command line")
         parsed.append((keys, text))
+        check_env_set(value, f"command line ({text})", ".".join(keys))
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
@@ -260,5 +272,6 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
 
 
 def dump_config(cfg: RunConfig) -> dict:
-    """The resolved config as plain data (holds no secrets: keys come only from the environment)."""
+    """The config as plain data, ``${NAME}`` values as written (no expanded secrets; keys come only from the
+    environment): what OUT/config.json and the W&B run config store."""
     return cfg.model_dump(mode="json")

@@ -1,7 +1,8 @@
 """Read DeepSpeed ZeRO-3 checkpoints without unpickling arbitrary objects.
 
 DeepSpeed's own readers call ``torch.load(..., weights_only=False)``. Here every file is opened with
-``weights_only=True`` and an explicit allowlist of the few DeepSpeed types a checkpoint holds.
+``safe_checkpoint.safe_load``: ``weights_only=True`` and the one allow-list of the DeepSpeed types a checkpoint
+holds (the same reader ``--resume`` uses).
 
 ZeRO-3 layout: rank r's optimizer file holds one flat fp32 tensor per parameter group; each parameter of that
 group (in ``param_shapes`` order) owns ``ceil(numel / world)`` consecutive elements of every rank's flat tensor
@@ -18,24 +19,7 @@ import re
 
 import torch
 
-
-def _safe_globals() -> list:
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    allowed = [ZeroStageEnum]
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-
-        allowed.append(LossScaler)
-    except ImportError:
-        pass
-    return allowed
-
-
-def safe_load(path: str) -> dict:
-    """``torch.load`` with ``weights_only=True`` plus DeepSpeed's enum types allowlisted."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+from pipeline.training.safe_checkpoint import safe_load
 
 
 def _rank_of(path: str) -> int:

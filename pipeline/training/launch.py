@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 from data_prep.paths import folder_written_atomically, write_text_atomic
@@ -16,11 +15,20 @@ from data_prep.shards import read_manifest
 from pipeline.config import RunConfig, dump_config
 from pipeline.contract import MASK_KIND, MEMORY_STAGE, STAGE_KINDS
 from pipeline.training import checkpoint, run_lock
+from pipeline.training.launcher_process import LauncherProcess, LaunchTimedOut
 from pipeline.training.resume_guard import check_resume
 
 
+RANK_MODULE = "pipeline.training.loop"  # what every rank runs
+
+
 class TrainingFailed(RuntimeError):
-    """A rank exited non-zero; its traceback was printed above."""
+    """A rank exited non-zero (its traceback was printed above) or hung past ``train.launch_timeout_s``;
+    ``log_tail`` holds the last lines the ranks printed."""
+
+    def __init__(self, message: str, log_tail: str = ""):
+        super().__init__(message)
+        self.log_tail = log_tail
 
 
 def check_run_dir(out_dir: str, resume: bool) -> None:
@@ -28,6 +36,10 @@ def check_run_dir(out_dir: str, resume: bool) -> None:
     tag = checkpoint.latest_tag(root)
     if resume and tag is None:
         raise ValueError(f"{out_dir}: no complete checkpoint to resume from (no {root}/latest naming a finished save)")
+    if resume:  # a file whose pickle names anything but tensors and DeepSpeed's few types stops here, in one line
+        from pipeline.training.safe_checkpoint import refuse_unsafe_files
+
+        refuse_unsafe_files(os.path.join(root, tag))
     if not resume and tag is not None:
         raise FileExistsError(f"{out_dir}: already holds checkpoint {tag}; pass --resume to continue it or choose a new --out")
 
@@ -122,8 +134,10 @@ def check_eval_data(cfg: RunConfig, manifest: dict) -> None:
 
 
 @run_lock.releases_run_lock
-def launch_training(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False) -> dict:
-    """Validate, prepare OUT, run the launcher, and return OUT/result.json."""
+def launch_training(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, *,
+                    rank_module: str = RANK_MODULE) -> dict:
+    """Validate, prepare OUT, run the launcher (killed with its ranks after ``train.launch_timeout_s``), and return
+    OUT/result.json. ``rank_module``: what each rank runs (tests substitute a faulty one)."""
     cfg_path = prepare_run_dir(cfg, data_dir, out_dir, resume)
     result_path = os.path.join(out_dir, "result.json")
     if os.path.exists(result_path):
@@ -132,16 +146,23 @@ def launch_training(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = 
     n = cfg.train.nproc
     if cfg.train.launcher == "deepspeed":
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", str(_free_port()),
-               "--module", "pipeline.training.loop"] + rank_args
+               "--module", rank_module] + rank_args
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-               "-m", "pipeline.training.loop"] + rank_args
+               "-m", rank_module] + rank_args
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    rc = subprocess.call(cmd, env=env)
+    launcher = LauncherProcess(cmd, env)
+    timeout = cfg.train.launch_timeout_s
+    try:
+        rc = launcher.run(timeout)
+    except LaunchTimedOut:
+        tail = launcher.tail()
+        raise TrainingFailed(f"training stopped: ranks still running after train.launch_timeout_s={timeout} s (a hung "
+                             f"rank?); launcher and ranks killed. Last lines the ranks printed:\n{tail}", tail) from None
     if rc != 0 or not os.path.isfile(result_path):
-        raise TrainingFailed(f"training failed (launcher exit code {rc}); the rank logs above say why")
+        raise TrainingFailed(f"training failed (launcher exit code {rc}); the rank logs above say why", launcher.tail())
     with open(result_path) as f:
         return json.load(f)
 

@@ -1,6 +1,7 @@
 """Experiment tracking: W&B on world rank 0 only, a progress bar, and a reader for offline W&B runs.
 
 The W&B API key is read by wandb itself from the environment (WANDB_API_KEY); convsink never logs or writes it.
+The run config is the recipe as stored (``dump_config``: ``${VAR}`` values as written, never expanded).
 """
 
 from __future__ import annotations
