@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: quickstart test test-quick venv clean
+.PHONY: quickstart test test-quick venv slurm clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,7 +26,12 @@ venv: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/convsink run configs/quickstart.yaml
 
-test: $(STAMP)
+# tests/slurm/ start a real Slurm: install slurm-wlm + munge when sbatch is missing (apt-get, as root or via sudo;
+# the script does nothing when Slurm is there)
+slurm:
+	DEBIAN_FRONTEND=noninteractive scripts/install-slurm.sh </dev/null
+
+test: $(STAMP) slurm
 	$(BIN)/python -m pytest -q tests
 
 test-quick: $(STAMP)

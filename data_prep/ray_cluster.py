@@ -7,13 +7,13 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import tempfile
 
 
 def ensure_ray(num_cpus: int | None = None, worker_logs: bool = True, temp_tag: str = "cs"):
     """The ``ray`` module, initialized. ``num_cpus``: CPUs of an embedded Ray (default: this machine's);
     ``worker_logs=False`` keeps the workers' output off the driver (prep prints its own progress line);
-    ``temp_tag`` names the embedded Ray's temp dir ``/tmp/ray-<tag>-<pid>`` (short: AF_UNIX paths are limited
-    to 107 bytes)."""
+    ``temp_tag`` names the embedded Ray's temp dir ``/tmp/ray-<tag>-XXXXXXXX`` (``embedded_temp_dir``)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet = {} if worker_logs else {"log_to_driver": False, "configure_logging": False}
@@ -26,7 +26,7 @@ def ensure_ray(num_cpus: int | None = None, worker_logs: bool = True, temp_tag: 
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
         return ray
-    tmp = f"/tmp/ray-{temp_tag}-{os.getpid()}"
+    tmp = embedded_temp_dir(temp_tag)
     cpus = {"num_cpus": max(num_cpus, os.cpu_count() or 1)} if num_cpus is not None else {}
     ray.init(address="local", include_dashboard=False, _temp_dir=tmp, **cpus, **quiet)
 
@@ -36,3 +36,9 @@ def ensure_ray(num_cpus: int | None = None, worker_logs: bool = True, temp_tag: 
 
     atexit.register(_cleanup)
     return ray
+
+
+def embedded_temp_dir(temp_tag: str) -> str:
+    """A new 0700 folder ``/tmp/ray-<tag>-XXXXXXXX`` for an embedded Ray (``mkdtemp``: never one someone else made
+    first; short, as AF_UNIX socket paths are limited to 107 bytes)."""
+    return tempfile.mkdtemp(prefix=f"ray-{temp_tag}-", dir="/tmp")

@@ -177,6 +177,7 @@ def test_killed_worker_restarts_from_newest_ray_checkpoint(job_run, shards, tmp_
     log_path = tmp_path / "ray.log"
     log = open(log_path, "w")
     t0 = time.time()
+    temp_dirs_before = set(glob.glob("/tmp/ray-ct-*"))  # the embedded Ray's mkdtemp folder is new
     proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.train", "--config", recipe, "--data", shards, "--out", str(out),
                              "--max-failures", "1"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -214,7 +215,8 @@ def test_killed_worker_restarts_from_newest_ray_checkpoint(job_run, shards, tmp_
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         _stop({p for p in ours if _alive(p)})
-        shutil.rmtree(f"/tmp/ray-ct-{proc.pid}", ignore_errors=True)
+        for d in set(glob.glob("/tmp/ray-ct-*")) - temp_dirs_before:  # left behind when the driver was killed
+            shutil.rmtree(d, ignore_errors=True)
         log.close()
 
     restores = read_restores(str(out))

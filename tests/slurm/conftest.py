@@ -19,3 +19,14 @@ def recipe(tmp_path_factory):
     return str(path)
 
 
+
+
+@pytest.fixture
+def ray_temp_parent():
+    """A short new folder (AF_UNIX socket paths < 107 bytes) where a Ray job's nodes make their temp/token dirs."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

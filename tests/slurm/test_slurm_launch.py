@@ -64,11 +64,11 @@ def test_failures_reach_the_job_exit_code(slurm, shards, recipe, tmp_path):
     assert not (tmp_path / "rank_fail" / "result.json").exists()
 
 
-def test_ray_sbatch_failures_reach_the_job_exit_code(slurm, shards, recipe, tmp_path):
+def test_ray_sbatch_failures_reach_the_job_exit_code(slurm, shards, recipe, tmp_path, ray_temp_parent):
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
     # a bad key is refused before any Ray process starts
-    job, log, t0 = submit(slurm, "train_ray.sbatch", tmp_path / "a", ray_env(recipe, shards, tmp_path / "bad_key"),
+    job, log, t0 = submit(slurm, "train_ray.sbatch", tmp_path / "a", ray_env(recipe, shards, tmp_path / "bad_key", ray_temp_parent),
                            args=["train.no_such_key=1"])
     info, text = finish(slurm, job, log, t0)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", text[-4000:]
@@ -76,8 +76,9 @@ def test_ray_sbatch_failures_reach_the_job_exit_code(slurm, shards, recipe, tmp_
     # a Ray job that fails on the cluster (its entry point refuses an option) fails the Slurm job, and the
     # cluster is stopped all the same
     job, log, t0 = submit(slurm, "train_ray.sbatch", tmp_path / "b",
-                          dict(ray_env(recipe, shards, tmp_path / "job_fail"), JOB_ARGS="--no-such-option"))
+                          dict(ray_env(recipe, shards, tmp_path / "job_fail", ray_temp_parent), JOB_ARGS="--no-such-option"))
     info, text = finish(slurm, job, log, t0, timeout=540)
     assert_no_leftovers(slurm, job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", text[-8000:]
     assert "--no-such-option" in text and "ray job submit exited 1" in text and "Ray head stopped" in text
+    assert os.listdir(ray_temp_parent) == []  # its temp and token dirs removed
