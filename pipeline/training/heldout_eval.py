@@ -14,8 +14,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from pipeline.contract import MASK_KIND, TARGETS, TASKS, batch_from_rows
-from pipeline.training.losses import token_nll
+from pipeline.contract import MASK_KIND, TASKS, batch_from_rows
 from pipeline.training.shard_loader import ShardData
 
 
@@ -33,16 +32,14 @@ def eval_batches(data: ShardData, rows: int, micro_size: int, dp_rank: int, dp_s
 
 
 @torch.no_grad()
-def evaluate(forward, batches: list[dict], local, device) -> dict:
-    """``forward(batch) -> (B, T_local, V)`` logits; ``local(batch)`` the rank's sequence slice (sequence
-    parallel). Returns ``eval/loss``, ``eval/ppl`` and per task ``eval/loss/<task>``, ``eval/accuracy/<task>``."""
+def evaluate(stats, batches: list[dict], device) -> dict:
+    """``stats(batch) -> (nll, valid, hits)``, each ``(B, T_local)`` for the rank's sequence slice (sequence
+    parallel; ``pipeline.training.tiled_loss.batch_token_stats``, tiled or not). Returns ``eval/loss``,
+    ``eval/ppl`` and per task ``eval/loss/<task>``, ``eval/accuracy/<task>``."""
     buf = torch.zeros(len(TASKS), 3, dtype=torch.float64)  # (task, [nll sum, tokens, greedy hits])
     for b in batches:
         b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
-        logits = forward(b)  # (B, T_local, V)
-        targets = local(b)[TARGETS]
-        nll, valid = token_nll(logits, targets)
-        hits = (logits.argmax(-1) == targets) & valid
+        nll, valid, hits = stats(b)  # (B, T_local) each
         for i, task in enumerate(TASKS):
             rows = torch.tensor([k == task for k in b[MASK_KIND]], device=nll.device)
             buf[i] += torch.tensor([float(nll[rows].sum()), float(valid[rows].sum()), float(hits[rows].sum())],
