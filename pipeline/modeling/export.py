@@ -41,6 +41,16 @@ def check_export_out(out: str, run_dir: str) -> None:
                               "choose a new --out, or remove it yourself")
 
 
+def check_complete(tag_dir: str) -> None:
+    """``--tag``'s folder must be a complete checkpoint: its ``convsink_state.json`` and, for every rank of the
+    world size it records, that rank's ZeRO files (consolidating fewer would build wrong weights)."""
+    if not os.path.isdir(tag_dir):
+        raise FileNotFoundError(f"{tag_dir}: no such checkpoint folder")
+    missing = checkpoint.incomplete_reason(tag_dir)
+    if missing:
+        raise ValueError(f"{tag_dir}: {missing}; not exported")
+
+
 def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None) -> str:
     """Consolidate the newest (or ``tag``) checkpoint of a `convsink train` run into ``out``."""
     from transformers import AutoTokenizer
@@ -49,8 +59,9 @@ def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None) -> 
 
     root = checkpoint.checkpoint_root(checkpoint_dir)
     tag = tag or checkpoint.latest_tag(root)
-    if tag is None or not os.path.isdir(os.path.join(root, tag)):
+    if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir}: no complete checkpoint to export")
+    check_complete(os.path.join(root, tag))
     run_dir = _run_dir_of(checkpoint_dir)
     check_export_out(out, run_dir)
     cfg_path = os.path.join(run_dir, "config.json")

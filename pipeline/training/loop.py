@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 import warnings
 
@@ -24,15 +25,17 @@ from data_prep.tokenizer_loading import SpecialIds
 from pipeline.attention.masks import MaskParams
 from pipeline.attention.ulysses import SequenceParallel
 from pipeline.config import RunConfig
-from pipeline.contract import CAUSAL, EOU, MASK_KIND, TARGETS, TASKS
-from pipeline.modeling.forward import attention_impl, forward_batch, row_kinds
+from pipeline.contract import CAUSAL, EOU, TARGETS, TASKS
+from pipeline.modeling.forward import attention_impl, enable_activation_checkpointing, row_kinds
 from pipeline.modeling.loader import build_model
 from pipeline.training import checkpoint
 from pipeline.training.flops import flops_per_token, mask_stats, non_embedding_params, peak_memory_gb, peak_tflops
 from pipeline.training.heldout_eval import eval_batches, evaluate
-from pipeline.training.losses import task_sums
+from pipeline.training.preemption import StopRequest
 from pipeline.training.resume_guard import run_identity
+from pipeline.training.safe_checkpoint import UnsafeCheckpointError, use_safe_loading
 from pipeline.training.shard_loader import load_shards, micro_batch
+from pipeline.training.tiled_loss import batch_task_sums, batch_token_stats
 from pipeline.training.tracking import init_wandb, progress
 
 warnings.filterwarnings("ignore", message=r".*is deprecated. Please use.*", category=FutureWarning)
@@ -115,6 +118,8 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
     ds_config = deepspeed_config(cfg, world, bf16)
     keep = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None  # noqa: F841 (zero.Init)
     model = build_model(cfg.model, manifest["tokenizer"]["vocab_size"], ids, path=t.init_from)
+    if t.activation_checkpointing:
+        enable_activation_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     schedule = lr_lambda(cfg)
     if "offload_optimizer" in ds_config["zero_optimization"] or "optimizer" in ds_config:
@@ -135,6 +140,7 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
         tag = checkpoint.latest_tag(root)
         if tag is None:
             raise ValueError(f"{out_dir}: no complete checkpoint to resume from")
+        use_safe_loading(engine)  # every file is read with weights_only=True (safe_checkpoint)
         engine.load_checkpoint(root, tag=tag)
         start = checkpoint.read_state(root, tag)["step"]
 
@@ -147,7 +153,10 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
                 if t.eval_every else None)
     bar = progress(t.max_steps, start, enabled=rank == 0)
     history = []
+    if rank == 0:  # one writer per run folder: any .tmp-* in it is what an interrupted save left
+        checkpoint.remove_partial_saves(root)
     last = min(t.max_steps, t.stop_at_step or t.max_steps)
+    stop, stopped_at = StopRequest.from_env(), None  # a Slurm --signal trap asks to save and stop (preemption.py)
     for step in range(start, last):
         t0 = time.time()
         micro = [micro_batch(data, step, m, micro_size=t.micro_batch_size, grad_accum=t.grad_accum,
@@ -158,8 +167,7 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
         task_nll: dict[str, list[float]] = {}
         for b in micro:
             b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
-            logits = forward_batch(engine, b, cfg.model, impl, sp)  # (B, T / sp, V)
-            sums = task_sums(logits, sp.local(b)[TARGETS], b[MASK_KIND])
+            sums = batch_task_sums(engine, b, cfg.model, impl, sp, t.loss_chunk)  # this rank's T / sp tokens
             loss = sum(s for s, _ in sums.values()) * (world * t.grad_accum / n_tokens.item())
             engine.backward(loss)
             engine.step()
@@ -177,29 +185,35 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
             metrics.update(_throughput(micro, cfg, engine, n_params, dt, world, peak, device, sp.size))
         if eval_set is not None and ((step + 1) % t.eval_every == 0 or step + 1 == t.max_steps):
             engine.eval()
-            metrics.update(evaluate(lambda b: forward_batch(engine, b, cfg.model, impl, sp), eval_set, sp.local, device))
+            metrics.update(evaluate(lambda b: batch_token_stats(engine, b, cfg.model, impl, sp, t.loss_chunk), eval_set, device))
             engine.train()
         history.append({"step": step + 1, **metrics})
         if run is not None and ((step + 1) % t.log_every == 0 or any(k.startswith("eval/") for k in metrics)):
             run.log(metrics, step=step + 1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update(1)
-        if (step + 1) % t.save_every == 0 or step + 1 == last:
+        stopped_at = step + 1 if stop.poll() and step + 1 < last else None
+        if (step + 1) % t.save_every == 0 or step + 1 == last or stopped_at:
             state = {"step": step + 1, **run_identity(cfg, manifest.get("fingerprint"), world),  # what a resume must keep
                      "samples_seen": (step + 1) * t.micro_batch_size * t.grad_accum * dp_size}  # the stream's position
             tag = checkpoint.save(engine, root, step + 1, state, t.keep_last)
             if on_checkpoint is not None:
                 on_checkpoint(os.path.join(root, tag), step + 1, metrics)
+        if stopped_at:
+            break
     bar.close()
     result = {"checkpoint": os.path.join(root, checkpoint.latest_tag(root) or ""), "history": history, "engine": engine,
-              "wandb_dir": run.dir.rsplit("/files", 1)[0] if run is not None else None}
+              "wandb_dir": run.dir.rsplit("/files", 1)[0] if run is not None else None, "stopped_at": stopped_at}
     if run is not None:
         run.finish()
     if rank == 0:
         with open(os.path.join(out_dir, f"history-rank0-from{start}.json"), "w") as f:
             json.dump(history, f, indent=1)
-        with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump({k: v for k, v in result.items() if k not in ("history", "engine")}, f, indent=2)
+        if stopped_at:  # not finished: no result.json (the batch script requeues the job)
+            print(f"stopped after step {stopped_at} on request ({stop.path}); checkpoint saved", flush=True)
+        else:
+            with open(os.path.join(out_dir, "result.json"), "w") as f:
+                json.dump({k: v for k, v in result.items() if k not in ("history", "engine")}, f, indent=2)
     dist.barrier()
     return result
 
@@ -252,7 +266,11 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     with open(args.config_json) as f:
         cfg = RunConfig.model_validate(json.load(f))
-    train(cfg, args.data, args.out, resume=args.resume)
+    try:
+        train(cfg, args.data, args.out, resume=args.resume)
+    except UnsafeCheckpointError as e:  # one line per rank, not a traceback; the launcher then fails the run
+        print(f"convsink train (rank {os.environ.get('RANK', '?')}): error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

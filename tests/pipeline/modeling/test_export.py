@@ -81,3 +81,41 @@ def test_export_replaces_an_earlier_export(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (out / EXPORT_INFO_FILE).is_file() and not (out / "stale.txt").exists()
     assert load_exported(str(out)).config.vocab_size > 0
+
+
+def _copy_without(trained, tmp_path, drop) -> str:
+    """A copy of the run folder without the files of checkpoint step000002 that ``drop(name)`` selects."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    folder = run / "checkpoints" / "step000002"
+    for name in os.listdir(folder):
+        if drop(name):
+            os.remove(folder / name)
+    return str(run)
+
+
+@pytest.mark.parametrize("how", ["--tag", "latest"])
+def test_export_refuses_a_checkpoint_missing_a_rank(trained, tmp_path, how):
+    """The rank files are counted against the world size the checkpoint records (a run folder not shared across
+    nodes holds one node's ranks): consolidating fewer ranks would build wrong weights, so nothing is exported."""
+    run = _copy_without(trained, tmp_path, lambda name: name.startswith("zero_pp_rank_1_"))
+    out = tmp_path / "export"
+    proc = convsink("export", run, "--out", str(out), *(["--tag", "step000002"] if how == "--tag" else []))
+    line = one_line_error(proc)
+    assert proc.returncode == 2
+    if how == "--tag":
+        assert line == (f"convsink export: error: {run}/checkpoints/step000002: holds ZeRO files of rank 0 of 2: "
+                        "rank 1 missing (run folder not shared across nodes?); not exported"), line
+    else:  # latest names it, but it is not complete: there is no checkpoint to export
+        assert line == f"convsink export: error: {run}: no complete checkpoint to export", line
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_export_tag_refuses_a_folder_whose_save_did_not_finish(trained, tmp_path):
+    run = _copy_without(trained, tmp_path, lambda name: name == "convsink_state.json")
+    out = tmp_path / "export"
+    proc = convsink("export", run, "--out", str(out), "--tag", "step000002")
+    line = one_line_error(proc)
+    assert line == (f"convsink export: error: {run}/checkpoints/step000002: no readable convsink_state.json (its save "
+                    "did not finish); not exported"), line
+    assert not out.exists()
