@@ -8,116 +8,137 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Iterator, Literal
 
-from data_prep.schema import DataError, Dialogue, make_dialogue
-from data_prep.sources import is_uri, read_text, resolve_inputs
+from data_prep.lines import decode_document, json_lines, parse_json, skip_bom
+from data_prep.schema import ID_TYPES, At, DataError, Dialogue, Turn, json_type, make_dialogue, make_turn
+from data_prep.sources import is_uri, read_bytes, resolve_inputs
 
 Format = Literal["auto", "canonical", "personachat", "msc", "messages"]
 FORMATS = ("canonical", "personachat", "msc", "messages")
 
 
-def parse_jsonl(path: str, fmt: str, text: str, first_line: int = 1) -> Iterator[tuple[int, Dialogue | DataError]]:
-    """(line number, Dialogue | DataError) for each non-blank line of ``text`` (a whole JSON-lines file, or
-    a chunk of it that starts at line ``first_line``)."""
+def parse_jsonl(path: str, fmt: str, data: bytes, first_line: int = 1, offset: int = 0
+                ) -> Iterator[tuple[int, Dialogue | DataError]]:
+    """(line number, Dialogue | DataError) for each non-blank line of ``data`` (the bytes of a whole JSON-lines
+    file, or of a chunk of it that starts at byte ``offset``, line ``first_line``); decoding rules in ``lines``."""
     if fmt not in _LINE_ADAPTERS:
         raise ValueError(f"unknown format {fmt!r}; expected one of auto, {', '.join(FORMATS)}")
     adapt = _LINE_ADAPTERS[fmt]
-    for lineno, raw in enumerate(text.split("\n"), start=first_line):
-        if not raw.strip():
+    for lineno, obj in json_lines(path, data, first_line, offset):
+        if isinstance(obj, DataError):
+            yield lineno, obj
             continue
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            yield lineno, DataError(path, lineno, f"malformed JSON: {e.msg} (column {e.colno})", "malformed_json")
-            continue
-        try:
-            yield lineno, adapt(obj, path, lineno)
+            yield lineno, adapt(obj, At(path, lineno))
         except DataError as e:
             yield lineno, e
 
 
-def _from_canonical(obj, path, lineno) -> Dialogue:
-    if not isinstance(obj, dict):
-        raise DataError(path, lineno, f"expected an object with 'id' and 'turns', got {type(obj).__name__}", "wrong_type")
-    missing = [k for k in ("id", "turns") if k not in obj]
-    if missing:
-        raise DataError(path, lineno, f"missing key(s) {missing} for the canonical format", "missing_field")
-    turns = obj["turns"]
-    if not isinstance(turns, list):
-        raise DataError(path, lineno, f"turns must be a list, got {type(turns).__name__}", "wrong_type")
-    raw = []
+def _turns(at: At, obj: dict, key: str, text: str, speaker: str, prefix: str = "") -> list[Turn]:
+    """The turns of the list ``obj[key]`` (objects with a ``text`` key and an optional ``speaker`` key)."""
+    path = f"{prefix}.{key}" if prefix else key
+    turns = at.require(obj, key, ("list",), prefix)
+    out = []
     for i, t in enumerate(turns):
-        if not isinstance(t, dict) or "text" not in t:
-            raise DataError(path, lineno, f"turn {i}: expected an object with 'text'", "missing_field")
-        raw.append((t["text"], t.get("speaker", "")))
-    return make_dialogue(obj["id"], raw, path, lineno, session=obj.get("session"))
-
-
-def _from_messages(obj, path, lineno) -> Dialogue:
-    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-        raise DataError(path, lineno, "expected an object with a 'messages' list", "missing_field")
-    raw = []
-    for i, m in enumerate(obj["messages"]):
-        if not isinstance(m, dict) or "content" not in m:
-            raise DataError(path, lineno, f"message {i}: expected an object with 'role' and 'content'", "missing_field")
-        raw.append((m["content"], m.get("role", "")))
-    return make_dialogue(obj.get("id", f"{os.path.basename(path)}:{lineno}"), raw, path, lineno)
-
-
-def _from_msc(obj, path, lineno) -> Dialogue:
-    """All sessions of an MSC episode, oldest first: previous_dialogs[0].dialog + ... + dialog."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("dialog"), list):
-        raise DataError(path, lineno, "expected an MSC episode with a 'dialog' list", "missing_field")
-    sessions = [p.get("dialog", []) for p in obj.get("previous_dialogs", []) or []] + [obj["dialog"]]
-    raw = []
-    for s in sessions:
-        if not isinstance(s, list):
-            raise DataError(path, lineno, "a session's 'dialog' must be a list", "wrong_type")
-        for i, t in enumerate(s):
-            if not isinstance(t, dict) or "text" not in t:
-                raise DataError(path, lineno, f"turn {len(raw)}: expected an object with 'text'", "missing_field")
-            raw.append((t["text"], t.get("id", "")))
-    ep_id = (obj.get("metadata") or {}).get("initial_data_id") or f"{os.path.basename(path)}:{lineno}"
-    return make_dialogue(ep_id, raw, path, lineno, session=len(sessions))
-
-
-def personachat_records(path: str, text: str) -> list:
-    """Split a PersonaChat file ({dialogue id: [{dial_id, turn_id, text, session}]}) into records
-    ``(key, turns, line)``; a file that is not such an object is one DataError."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        return [DataError(path, e.lineno, f"malformed JSON: {e.msg} (column {e.colno})", "malformed_json")]
-    if not isinstance(data, dict):
-        return [DataError(path, 1, "expected one JSON object mapping dialogue id -> list of turns", "wrong_type")]
-    out, pos, line = [], 0, 1
-    for key, turns in data.items():  # keys appear in file order: search (and count lines) on from the previous one
-        at = text.find(json.dumps(key), pos)
-        if at < 0:
-            out.append((key, turns, 1))
-            continue
-        line += text.count("\n", pos, at)
-        pos = at
-        out.append((key, turns, line))
+        where = f"{path}[{i}]"
+        at.expect(t, ("object",), where)
+        out.append(make_turn(at, at.require(t, text, ("string",), where), t.get(speaker), f"{where}.{text}",
+                             f"{where}.{speaker}"))
     return out
 
 
+def _from_canonical(obj, at: At) -> Dialogue:
+    at.expect(obj, ("object",), "record")
+    missing = [k for k in ("id", "turns") if k not in obj]
+    if missing:
+        raise at.error(f"missing key(s) {missing} for the canonical format", "missing_field")
+    turns = _turns(at, obj, "turns", "text", "speaker")
+    session = at.expect(obj.get("session"), ("integer",), "session", nullable=True)
+    return make_dialogue(at.expect(obj["id"], ID_TYPES, "id"), turns, at.source, at.line, session=session)
+
+
+def _from_messages(obj, at: At) -> Dialogue:
+    at.expect(obj, ("object",), "record")
+    turns = _turns(at, obj, "messages", "content", "role")
+    ep_id = at.expect(obj.get("id"), ID_TYPES, "id", nullable=True)
+    return make_dialogue(f"{os.path.basename(at.source)}:{at.line}" if ep_id is None else ep_id, turns, at.source, at.line)
+
+
+def _from_msc(obj, at: At) -> Dialogue:
+    """All sessions of an MSC episode, oldest first: previous_dialogs[0].dialog + ... + dialog."""
+    at.expect(obj, ("object",), "record")
+    previous = at.expect(obj.get("previous_dialogs"), ("list",), "previous_dialogs", nullable=True) or []
+    turns = []
+    for i, p in enumerate(previous):
+        at.expect(p, ("object",), f"previous_dialogs[{i}]")
+        if "dialog" in p:  # a previous session without a dialog adds no turns
+            turns += _turns(at, p, "dialog", "text", "id", prefix=f"previous_dialogs[{i}]")
+    turns += _turns(at, obj, "dialog", "text", "id")
+    meta = at.expect(obj.get("metadata"), ("object",), "metadata", nullable=True) or {}
+    ep_id = at.expect(meta.get("initial_data_id"), ID_TYPES, "metadata.initial_data_id", nullable=True)
+    return make_dialogue(ep_id if ep_id not in (None, "") else f"{os.path.basename(at.source)}:{at.line}", turns,
+                         at.source, at.line, session=len(previous) + 1)
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def personachat_records(path: str, data: bytes) -> list:
+    """Split a PersonaChat file ({dialogue id: [{dial_id, turn_id, text, session}]}) into records
+    ``(key, turns, line)`` in file order; a key seen before is a DataError naming both lines; a file that is not
+    such an object is one DataError."""
+    text = decode_document(path, data)
+    if isinstance(text, DataError):
+        return [text]
+    value = parse_json(path, 1, text)
+    if isinstance(value, DataError):
+        return [value]
+    if not isinstance(value, dict):
+        return [DataError(path, 1, f"file must be an object mapping dialogue id to a list of turns, got "
+                                   f"{json_type(value)}", "wrong_type")]
+    if not value:
+        return [DataError(path, 1, "file is empty: an object with no dialogues", "empty_file")]
+    decoder = json.JSONDecoder()
+    out, first_line_of, line, counted = [], {}, 1, 0
+    pos = _SPACE.match(text, 0).end() + 1  # after the opening brace (the document parsed above)
+    while True:
+        pos = _SPACE.match(text, pos).end()
+        if text[pos] == "}":
+            return out
+        line += text.count("\n", counted, pos)
+        counted = pos
+        key, pos = json.decoder.scanstring(text, pos + 1)
+        pos = _SPACE.match(text, _SPACE.match(text, pos).end() + 1).end()  # past the colon
+        turns, pos = decoder.raw_decode(text, pos)
+        if key in first_line_of:
+            out.append(DataError(path, line, f"duplicate id {key!r} (first at line {first_line_of[key]})", "duplicate_id"))
+        else:
+            first_line_of[key] = line
+            out.append((key, turns, line))
+        pos = _SPACE.match(text, pos).end()
+        pos += text[pos] == ","
+
+
 def personachat_dialogue(path: str, key: str, turns, line) -> Dialogue:
-    if not isinstance(turns, list):
-        raise DataError(path, line, f"dialogue {key!r}: expected a list of turns", "wrong_type")
+    at, name = At(path, line), json.dumps(key)
+    at.expect(turns, ("list",), name)
     for i, t in enumerate(turns):
-        if not isinstance(t, dict) or "text" not in t:
-            raise DataError(path, line, f"dialogue {key!r} turn {i}: expected an object with 'text'", "missing_field")
-    ordered = sorted(turns, key=lambda t: t.get("turn_id", 0)) if all(
+        at.expect(t, ("object",), f"{name}[{i}]")
+        at.require(t, "text", ("string",), f"{name}[{i}]")
+        at.expect(t.get("turn_id"), ("integer",), f"{name}[{i}].turn_id", nullable=True)
+        at.expect(t.get("session"), ("integer",), f"{name}[{i}].session", nullable=True)
+    ordered = sorted(turns, key=lambda t: t["turn_id"]) if all(
         isinstance(t.get("turn_id"), int) for t in turns) else turns
-    raw = [(t["text"], "AB"[i % 2]) for i, t in enumerate(ordered)]
+    raw = [make_turn(at, t["text"], "AB"[i % 2], f"{name}[{i}].text", f"{name}[{i}].speaker")
+           for i, t in enumerate(ordered)]
     session = ordered[0].get("session") if ordered else None
     return make_dialogue(key, raw, path, line, session=session)
 
 
-def _iter_personachat(path: str, text: str) -> Iterator[Dialogue | DataError]:
-    for rec in personachat_records(path, text):
+def _iter_personachat(path: str, data: bytes) -> Iterator[Dialogue | DataError]:
+    for rec in personachat_records(path, data):
         if isinstance(rec, DataError):
             yield rec
             continue
@@ -136,13 +157,13 @@ WHOLE_FILE_FORMATS = ("personachat",)
 def detect_format_from_line(path: str, first: str) -> str:
     """Guess the format from the first non-blank line: a whole-file object is PersonaChat, else look at the keys."""
     if not first:
-        raise DataError(path, 1, "file is empty", "empty_file")
+        raise DataError(path, 1, "file is empty: no records", "empty_file")
     try:
         obj = json.loads(first)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         if first.startswith("{") or first.startswith("["):
             return "personachat"  # a pretty-printed whole-file JSON object
-        raise DataError(path, 1, "cannot detect the format: the first line is not JSON", "malformed_json")
+        raise DataError(path, 1, "cannot detect the format: the first line is not JSON", "malformed_json") from None
     if isinstance(obj, dict):
         if "messages" in obj:
             return "messages"
@@ -155,10 +176,14 @@ def detect_format_from_line(path: str, first: str) -> str:
     raise DataError(path, 1, "cannot detect the format; pass --format canonical|personachat|msc|messages")
 
 
+def first_line(data: bytes) -> str:
+    """The first non-blank line of a file's bytes (a leading BOM skipped; bad bytes replaced), for format detection."""
+    data, _ = skip_bom(data, 0)
+    return next((raw.strip() for raw in data.split(b"\n") if raw.strip()), b"").decode("utf-8", errors="replace")
+
+
 def detect_format(path: str) -> str:
-    text = read_text(path)
-    first = next((line.strip() for line in text.split("\n") if line.strip()), "")
-    return detect_format_from_line(path, first)
+    return detect_format_from_line(path, first_line(read_bytes(path)))
 
 
 def iter_dialogues(path: str, fmt: str = "auto") -> Iterator[Dialogue | DataError]:
@@ -166,12 +191,11 @@ def iter_dialogues(path: str, fmt: str = "auto") -> Iterator[Dialogue | DataErro
     URI pyarrow reads)."""
     if not (os.path.isfile(path) or (is_uri(path) and resolve_inputs([path]))):
         raise FileNotFoundError(f"{path}: input file not found")
-    text = read_text(path)
+    data = read_bytes(path)
     if fmt == "auto":
-        first = next((line.strip() for line in text.split("\n") if line.strip()), "")
-        fmt = detect_format_from_line(path, first)
+        fmt = detect_format_from_line(path, first_line(data))
     if fmt == "personachat":
-        yield from _iter_personachat(path, text)
+        yield from _iter_personachat(path, data)
         return
-    for _, rec in parse_jsonl(path, fmt, text):
+    for _, rec in parse_jsonl(path, fmt, data):
         yield rec

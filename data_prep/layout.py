@@ -60,10 +60,8 @@ class FastEncoder:
         if os.path.isfile(path):
             from tokenizers import Tokenizer
 
-            self._raw = Tokenizer.from_file(path)
-            self._raw.no_truncation()
-            self._raw.no_padding()
-            self._hf = None
+            self._raw, self._hf = Tokenizer.from_file(path), None
+            self._plain_text(self._raw)
         else:
             from transformers import AutoTokenizer
 
@@ -76,9 +74,15 @@ class FastEncoder:
 
         enc = cls.__new__(cls)
         enc._raw, enc._hf = Tokenizer.from_str(tokenizer_json), None
-        enc._raw.no_truncation()
-        enc._raw.no_padding()
+        cls._plain_text(enc._raw)
         return enc
+
+    @staticmethod
+    def _plain_text(raw) -> None:
+        """No truncation, no padding, and special-token text encoded as text (as ``encode_utterances``)."""
+        raw.no_truncation()
+        raw.no_padding()
+        raw.encode_special_tokens = True
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
         if not texts:

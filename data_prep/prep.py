@@ -4,7 +4,8 @@
     prepare(inputs, out, cfg)  # the entry point of `convsink prep` and of `python -m ray_jobs.prep`
 
 Steps: resolve inputs (paths, globs, URIs) → hash them (fingerprint; an output with the same fingerprint is
-reused) → read/validate/tokenize/window on the chosen engine (``ray``: Ray Data, ``local``: the single-process
+reused once its shards match the manifest's sizes and sha256; one of another fingerprint is refused, as it may be in
+use, unless ``overwrite``) → read/validate/tokenize/window on the chosen engine (``ray``: Ray Data, ``local``: the single-process
 reference loop; same bytes out) → memory-task samples → packing plan (``packing.pack_bins``) → shards → manifest.
 
 The output folder is written under a temporary name and renamed when complete, so an interrupted or failed
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_prep.config import DataConfig
+from data_prep.duplicate_ids import DuplicateIds
 from data_prep.contract import DIALOGUE, EOU, INPUT_IDS, LMR, SMR, TASKS, UTT_IDS
 from data_prep.items import ITEM_SCHEMA
 from data_prep.memory_tasks import Corpus, build_lmr, build_smr, lmr_ineligible, smr_plan
@@ -32,11 +34,11 @@ from data_prep.paths import folder_written_atomically
 from data_prep.progress import Progress
 from data_prep.reader import input_metas
 from data_prep.schema import DataError
-from data_prep.shards import MANIFEST, encode_shard
+from data_prep.shards import MANIFEST, ShardIntegrityError, encode_shard, read_manifest, verify_shards
 from data_prep.sources import is_uri, resolve_inputs
 from data_prep.tokenizer_loading import load_tokenizer, prepare_tokenizer
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: strict UTF-8, typed fields, duplicate ids rejected, special-token text kept as text
 EXECUTION_FIELDS = ("engine", "workers", "chunk_records", "memory_chunk")  # never change the output
 
 
@@ -59,13 +61,36 @@ def _existing_fingerprint(out: str) -> str | None:
     try:
         with open(os.path.join(out, MANIFEST)) as f:
             return json.load(f).get("fingerprint")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return None
 
 
-def prepare(inputs: list[str], out: str, cfg: DataConfig, progress: bool = True) -> dict:
+def _reusable_output(out: str, fp: str, overwrite: bool) -> dict | None:
+    """The manifest of ``out`` when it holds this fingerprint's output, intact (every shard's size and sha256);
+    None when ``out`` may be written. Never removes anything: another fingerprint's output (perhaps read by a
+    training run) is refused unless ``overwrite``; a non-empty folder that is not prep's is always refused."""
+    existing = _existing_fingerprint(out)
+    if existing == fp:
+        try:
+            return verify_shards(out, read_manifest(out))
+        except ShardIntegrityError:
+            if not overwrite:
+                raise
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
+    if os.path.isdir(out) and os.listdir(out):
+        if not os.path.isfile(os.path.join(out, MANIFEST)):
+            raise FileExistsError(f"{out}: exists, is not empty and is not a convsink shard folder; choose another --out")
+        if not overwrite:  # it may be in use by a training run: never removed unless asked
+            raise FileExistsError(f"{out}: holds shards of another fingerprint ({existing or 'unreadable manifest'}, "
+                                  f"this prep is {fp}); choose another --out, or pass --overwrite to replace it")
+    return None
+
+
+def prepare(inputs: list[str], out: str, cfg: DataConfig, progress: bool = True, overwrite: bool = False) -> dict:
     """Prepare shards from ``inputs`` (paths, glob patterns or URIs) into the local folder ``out``; return the
-    manifest."""
+    manifest. An ``out`` of the same fingerprint is reused once every shard matches its manifest (size, sha256);
+    one of another fingerprint is replaced only with ``overwrite``; a folder that is not prep's is never touched."""
     if is_uri(out):
         raise ValueError(f"{out}: --out must be a local (or mounted shared) folder")
     paths = resolve_inputs(list(inputs))
@@ -76,11 +101,9 @@ def prepare(inputs: list[str], out: str, cfg: DataConfig, progress: bool = True)
     metas = input_metas(paths, cfg)
     digest = tokenizer_digest(tokenizer)
     fp = fingerprint(metas, cfg, digest)
-    if _existing_fingerprint(out) == fp:
-        with open(os.path.join(out, MANIFEST)) as f:
-            return json.load(f)
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
-        raise FileExistsError(f"{out}: exists, is not empty and is not a convsink shard folder; choose another --out")
+    reused = _reusable_output(out, fp, overwrite)
+    if reused is not None:
+        return reused
 
     with folder_written_atomically(out) as tmp:
         manifest = _prepare_into(paths, metas, tmp, cfg, tokenizer, ids, fp, digest, progress)
@@ -105,11 +128,13 @@ def _piece_tokens(table: pa.Table) -> int:
 
 
 def collect(stream, cfg: DataConfig, bar: Progress) -> pa.Table:
-    """All pieces, in input order. In ``error`` mode the first bad record (in input order) raises."""
-    tables = []
+    """All pieces, in input order, a repeated dialogue id of a file rejected. In ``error`` mode the first bad
+    record (in input order) raises."""
+    tables, duplicates = [], DuplicateIds()
     for table in stream:
         if table.num_rows == 0:
             continue
+        table = duplicates.reject_repeats(table)
         if cfg.on_bad_record == "error":
             bad = pc.not_equal(table["error"], "")
             if pc.any(bad).as_py():
@@ -306,7 +331,7 @@ def _prepare_into(paths, metas, tmp, cfg: DataConfig, tokenizer, ids, fp, digest
         "fingerprint": fp,
         "inputs": per_input,
         "config": output_config(cfg),
-        "tokenizer": {"spec": cfg.tokenizer, "bos_id": ids.bos, "eou_id": ids.eou, "pad_id": ids.pad,
+        "tokenizer": {"spec": output_config(cfg)["tokenizer"], "bos_id": ids.bos, "eou_id": ids.eou, "pad_id": ids.pad,
                       "vocab_size": len(tokenizer), "sha256": digest},
         "seq_len": cfg.seq_len,
         "counts": counts,

@@ -29,7 +29,7 @@ from data_prep.contract import DIALOGUE, MASK_KIND
 from data_prep.items import PieceBuilder, pieces_from_columns
 from data_prep.layout import dialogue_texts, split_into_windows
 from data_prep.schema import DataError
-from data_prep.sources import canonical_path, display_name, read_bytes, read_text, scan
+from data_prep.sources import canonical_path, display_name, read_bytes, scan
 from data_prep.tokenizer_loading import SpecialIds
 from data_prep.windows import layout_columns, plan_windows
 
@@ -57,6 +57,8 @@ def input_metas(paths: list[str], cfg: DataConfig) -> list[dict]:
     metas = []
     for path in paths:
         sc = scan(path, cfg.chunk_records or FINE_CHUNK, cfg.max_dialogues, lines=cfg.format not in WHOLE_FILE_FORMATS)
+        if not sc.first_line:  # nothing but whitespace (or a BOM): an error in every mode, never a silent zero
+            raise DataError(path, 1, "file is empty: no records", "empty_file")
         fmt = detect_format_from_line(path, sc.first_line) if cfg.format == "auto" else cfg.format
         metas.append({"path": canonical_path(path), "name": display_name(path), "sha256": sc.sha256,
                       "bytes": sc.size, "format": fmt, "_chunks": sc.chunks})
@@ -80,11 +82,11 @@ def chunk_tasks(paths: list[str], metas: list[dict], cfg: DataConfig, workers: i
             fine += [ChunkTask(fi, path, fmt, c.start, c.end, c.first_line, c.first_record, records=c.records,
                                nbytes=c.end - c.start) for c in meta["_chunks"]]
             continue
-        text = read_text(path)
-        records = personachat_records(path, text)
+        data = read_bytes(path)
+        records = personachat_records(path, data)
         if cfg.max_dialogues is not None:
             records = records[:cfg.max_dialogues]
-        per_record = len(text.encode("utf-8")) / max(len(records), 1)  # bytes, for balancing
+        per_record = len(data) / max(len(records), 1)  # bytes, for balancing
         for k in range(0, len(records), size):
             part = records[k:k + size]
             task = ChunkTask(fi, path, fmt, 0, 0, 0, k, records=len(part), nbytes=int(per_record * len(part)))
@@ -128,8 +130,8 @@ def read_chunk(task: ChunkTask):
             except DataError as e:
                 yield task.first_record + k, e.line, e
         return
-    text = read_bytes(task.path, task.start, task.end).decode("utf-8", errors="replace")
-    for k, (lineno, rec) in enumerate(parse_jsonl(task.path, task.fmt, text, task.first_line)):
+    data = read_bytes(task.path, task.start, task.end)
+    for k, (lineno, rec) in enumerate(parse_jsonl(task.path, task.fmt, data, task.first_line, task.start)):
         yield task.first_record + k, lineno, rec
 
 

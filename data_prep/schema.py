@@ -48,26 +48,70 @@ class Dialogue:
         return out
 
 
-def make_turn(raw_text, speaker, source: str, line, index: int) -> Turn:
-    """Validate one turn; raise DataError naming the file, line and turn index."""
-    if not isinstance(raw_text, str):
-        raise DataError(source, line, f"turn {index}: text must be a string, got {type(raw_text).__name__}", "wrong_type")
-    if not raw_text.strip():
-        raise DataError(source, line, f"turn {index}: text is empty", "empty_text")
-    if speaker is None:
-        speaker = ""
-    if not isinstance(speaker, str):
-        speaker = str(speaker)
-    return Turn(speaker=speaker, text=raw_text.strip())
+JSON_TYPES = ((type(None), "null"), (bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+              (list, "list"), (dict, "object"))  # bool before int: True is an int in Python
+PHRASES = {"object": "an object", "list": "a list", "string": "a string", "integer": "an integer"}
 
 
-def make_dialogue(dialogue_id, raw_turns, source: str, line, session=None, min_turns: int = 1) -> Dialogue:
-    """Build a Dialogue from ``[(text, speaker), ...]``, validating every turn."""
-    if not isinstance(dialogue_id, (str, int)):
-        raise DataError(source, line, f"id must be a string, got {type(dialogue_id).__name__}", "wrong_type")
-    if not isinstance(raw_turns, list):
-        raise DataError(source, line, f"turns must be a list, got {type(raw_turns).__name__}", "wrong_type")
-    turns = tuple(make_turn(text, spk, source, line, i) for i, (text, spk) in enumerate(raw_turns))
+def json_type(value) -> str:
+    """The JSON name of a parsed value's type (``null``, ``boolean``, ``integer``, ``number``, ``string``, ``list``,
+    ``object``)."""
+    return next(name for kind, name in JSON_TYPES if isinstance(value, kind))
+
+
+@dataclass(frozen=True)
+class At:
+    """Where a record is (file and line): checks the record's fields, raising DataErrors that name both."""
+
+    source: str
+    line: int | str
+
+    def error(self, reason: str, code: str) -> DataError:
+        return DataError(self.source, self.line, reason, code)
+
+    def expect(self, value, kinds: tuple[str, ...], key: str, nullable: bool = False):
+        """``value`` (at key path ``key``) if its JSON type is one of ``kinds`` (or it is null and ``nullable``);
+        else ``KEY must be TYPE, got TYPE``. A string must also be encodable as UTF-8 (no unpaired surrogate)."""
+        got = json_type(value)
+        if got == "null" and nullable:
+            return None
+        if got not in kinds:
+            raise self.error(f"{key} must be {' or '.join(PHRASES[k] for k in kinds)}, got {got}", "wrong_type")
+        if got == "string":
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise self.error(f"{key} contains an unpaired surrogate (U+{ord(value[e.start]):04X})",
+                                 "invalid_text") from None
+        return value
+
+    def require(self, obj: dict, key: str, kinds: tuple[str, ...], prefix: str = ""):
+        """``obj[key]`` checked as by ``expect``; a missing key is ``KEY is missing``."""
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in obj:
+            raise self.error(f"{path} is missing", "missing_field")
+        return self.expect(obj[key], kinds, path)
+
+
+ID_TYPES = ("string", "integer")
+
+
+def make_turn(at: At, raw_text, speaker, text_key: str, speaker_key: str) -> Turn:
+    """Validate one turn (its text at key path ``text_key``, its speaker, optional, at ``speaker_key``)."""
+    text = at.expect(raw_text, ("string",), text_key)
+    if not text.strip():
+        raise at.error(f"{text_key} is empty", "empty_text")
+    speaker = at.expect(speaker, ("string",), speaker_key, nullable=True)
+    return Turn(speaker=speaker or "", text=text.strip())
+
+
+def make_dialogue(dialogue_id, raw_turns: list, source: str, line, session=None, min_turns: int = 1) -> Dialogue:
+    """A Dialogue from turns: ``Turn`` objects (validated by the adapter) or ``(text, speaker)`` pairs (validated
+    here, as ``turns[i].text`` / ``turns[i].speaker``)."""
+    at = At(source, line)
+    at.expect(dialogue_id, ID_TYPES, "id")
+    turns = [t if isinstance(t, Turn) else make_turn(at, t[0], t[1], f"turns[{i}].text", f"turns[{i}].speaker")
+             for i, t in enumerate(raw_turns)]
     if len(turns) < min_turns:
-        raise DataError(source, line, f"dialogue has {len(turns)} turns, need at least {min_turns}", "too_few_turns")
-    return Dialogue(id=str(dialogue_id), turns=turns, session=session, source=source, line=line)
+        raise at.error(f"dialogue has {len(turns)} turns, need at least {min_turns}", "too_few_turns")
+    return Dialogue(id=str(dialogue_id), turns=tuple(turns), session=session, source=source, line=line)

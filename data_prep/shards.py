@@ -32,6 +32,8 @@ from data_prep.contract import (
 MANIFEST = "manifest.json"
 
 
+class ShardIntegrityError(ValueError):
+    """A shard that is missing or differs from its manifest entry (size or sha256): one line naming the file."""
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -110,6 +112,7 @@ def shard_entry(name: str, table: pa.Table, data: bytes, seq_len: int) -> dict:
         "padding_fraction": round(1 - tokens / slots, 6) if slots else 0.0,
         "dialogues": int(sum(len(d) for d in table[DIALOGUE_IDS].to_pylist())),
         MASK_KIND: sorted(set(table[MASK_KIND].to_pylist())),
+        "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
 
@@ -131,13 +134,44 @@ def read_manifest(data_dir: str) -> dict:
         return json.load(f)
 
 
+def verified_shard_bytes(data_dir: str, entry: dict) -> bytes:
+    """The bytes of the shard of manifest entry ``entry``, checked against its recorded size and sha256."""
+    path = os.path.join(data_dir, entry["file"])
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ShardIntegrityError(f"{path}: missing, but listed in {MANIFEST}; re-run `convsink prep` into a new "
+                                  "--out") from None
+    if "bytes" in entry and len(data) != entry["bytes"]:
+        raise ShardIntegrityError(f"{path}: {len(data)} bytes, but {MANIFEST} says {entry['bytes']} bytes (changed or "
+                                  "truncated after prep); re-run `convsink prep` into a new --out")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ShardIntegrityError(f"{path}: its sha256 differs from {MANIFEST}'s (changed after prep); re-run "
+                                  "`convsink prep` into a new --out")
+    return data
+
+
+def verify_shards(data_dir: str, manifest: dict) -> dict:
+    """``manifest``, once every shard it lists matches its size and sha256 (else ShardIntegrityError)."""
+    for entry in manifest["shards"]:
+        verified_shard_bytes(data_dir, entry)
+    return manifest
+
+
 def read_rows(data_dir: str, mask_kinds: tuple[str, ...] | None = None) -> pa.Table:
-    """All rows of all shards, in manifest order (optionally only some mask kinds)."""
+    """All rows of the shards (optionally only of some mask kinds), in manifest order; each shard read is first
+    checked against its manifest entry (size and sha256)."""
+    import pyarrow.compute as pc
+
     manifest = read_manifest(data_dir)
-    tables = [pq.read_table(os.path.join(data_dir, s["file"]), schema=SHARD_SCHEMA) for s in manifest["shards"]]
+    tables = []
+    for entry in manifest["shards"]:
+        if mask_kinds is not None and MASK_KIND in entry and not set(entry[MASK_KIND]) & set(mask_kinds):
+            continue  # a shard of other kinds only is not opened
+        data = verified_shard_bytes(data_dir, entry)
+        tables.append(pq.read_table(pa.BufferReader(data), schema=SHARD_SCHEMA))
     table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
     if mask_kinds is not None:
-        import pyarrow.compute as pc
-
         table = table.filter(pc.is_in(table[MASK_KIND], value_set=pa.array(list(mask_kinds))))
     return table

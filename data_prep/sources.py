@@ -13,6 +13,8 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 
+from data_prep.lines import skip_bom
+
 _GLOB = set("*?[")
 
 
@@ -91,10 +93,6 @@ def read_bytes(path: str, start: int = 0, end: int | None = None) -> bytes:
         return f.read_at(end - start, start) if end > start else b""
 
 
-def read_text(path: str) -> str:
-    return read_bytes(path).decode("utf-8")
-
-
 def _iter_blocks(path: str, block: int = 1 << 22):
     fs, p = filesystem(path)
     with fs.open_input_stream(p) as f:
@@ -128,23 +126,25 @@ class Scan:
 
 def scan(path: str, chunk_records: int, max_records: int | None = None, lines: bool = True) -> Scan:
     """One pass over the file: sha256, size, first non-blank line, and (``lines``) chunks of ``chunk_records``
-    non-blank lines up to ``max_records``."""
+    non-blank lines up to ``max_records``. Blank = ASCII whitespace only, a BOM at the file's start skipped (the
+    rules of ``lines.json_lines``); a line longer than a block is gathered in parts, so time stays linear."""
     h = hashlib.sha256()
     size, lineno, pos = 0, 0, 0
     first = None
     records = 0
     chunks: list[Chunk] = []
     cur: Chunk | None = None
-    carry = b""
+    parts: list[bytes] = []  # the current line's bytes from earlier blocks
     capped = False
 
     def line_done(raw: bytes, start: int, end: int) -> None:
         nonlocal lineno, first, records, cur, capped
         lineno += 1
-        if not raw.strip():
+        content, _ = skip_bom(raw, start)
+        if not content.strip():
             return
         if first is None:
-            first = raw.decode("utf-8", errors="replace").strip()
+            first = content.decode("utf-8", errors="replace").strip()
         if not lines or capped:
             return
         if max_records is not None and records >= max_records:
@@ -157,25 +157,28 @@ def scan(path: str, chunk_records: int, max_records: int | None = None, lines: b
         cur.records += 1
         records += 1
 
+    line_start = 0
     for block in _iter_blocks(path):
         h.update(block)
         size += len(block)
         if not lines and first is not None:  # whole-file formats: only the hash and the first line are needed
             pos += len(block)
             continue
-        data = carry + block
-        base = pos - len(carry)
         i = 0
         while True:
-            j = data.find(b"\n", i)
+            j = block.find(b"\n", i)
             if j < 0:
                 break
-            line_done(data[i:j], base + i, base + j + 1)
+            raw = b"".join(parts + [block[i:j]]) if parts else block[i:j]
+            parts = []
+            line_done(raw, line_start, pos + j + 1)
+            line_start = pos + j + 1
             i = j + 1
-        carry = data[i:]
+        if i < len(block):
+            parts.append(block[i:])
         pos += len(block)
-    if carry and (lines or first is None):
-        line_done(carry, pos - len(carry), pos)
+    if parts and (lines or first is None):
+        line_done(b"".join(parts), line_start, pos)
     return Scan(h.hexdigest(), size, first or "", records, chunks)
 
 

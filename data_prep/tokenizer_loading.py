@@ -47,8 +47,9 @@ def load_tokenizer(spec: str):
 
 
 def encode_utterances(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each utterance text, with no special tokens added (method.md §1); one batched call."""
-    return tokenizer(list(texts), add_special_tokens=False).input_ids
+    """Token ids of each utterance text, with no special tokens added (method.md §1); one batched call. Text that
+    spells a special token (``<|im_end|>`` typed by a user) stays text: it never becomes the BOS or EoU id."""
+    return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True).input_ids
 
 
 def encode_utterance(tokenizer, text: str) -> list[int]:

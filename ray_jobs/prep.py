@@ -1,6 +1,6 @@
 """Data preparation as a Ray job (the same pipeline and output as `convsink prep`):
 
-    ray job submit --working-dir . -- python -m ray_jobs.prep INPUT... --out DIR [--config FILE] [data.key=value ...]
+    ray job submit --working-dir . -- python -m ray_jobs.prep INPUT... --out DIR [--config FILE] [--overwrite] [data.key=value ...]
 
 INPUTs are paths, glob patterns (expanded here, quoted or not) or URIs pyarrow reads. Inside a job RAY_ADDRESS is
 set and the pipeline runs on that cluster; run directly, it starts an embedded local Ray. ``--out`` is written
@@ -23,6 +23,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--format", choices=["auto", "canonical", "personachat", "msc", "messages"])
     p.add_argument("--engine", choices=["ray", "local"], default="ray")
     p.add_argument("--workers", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that holds shards of another fingerprint")
     args = p.parse_intermixed_args(argv)  # inputs and overrides may come before or after the options
     args.inputs, args.overrides = split_overrides(args.items)
     return args
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers:
             overrides.append(f"data.workers={args.workers}")
         cfg = load_config(args.config, overrides).data
-        manifest = prepare(args.inputs, args.out, cfg)
+        manifest = prepare(args.inputs, args.out, cfg, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # DataError and ConfigError are ValueErrors
         print(f"ray_jobs.prep: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
               file=sys.stderr)

@@ -53,6 +53,8 @@ class ShardData:
 
 
 def load_shards(data_dir: str, stage: str = DIALOGUE_STAGE) -> ShardData:
+    """The rows of the stage's mask kinds; every shard opened is first checked against its manifest entry (size and
+    sha256: ``data_prep.shards.ShardIntegrityError``, one line naming the shard, on a mismatch)."""
     kinds = STAGE_KINDS[stage]
     manifest = read_manifest(data_dir)
     table = read_rows(data_dir, kinds)

@@ -46,7 +46,7 @@ def test_personachat_orders_turns_and_finds_lines(tmp_path):
     ds = list(iter_dialogues(str(p)))
     assert [d.id for d in ds] == ["a", "b"] and [t.text for t in ds[0].turns] == ["first", "second"]
     text = p.read_text()
-    assert [r[2] for r in personachat_records(str(p), text)] == [2, text[:text.index('"b"')].count("\n") + 1]
+    assert [r[2] for r in personachat_records(str(p), p.read_bytes())] == [2, text[:text.index('"b"')].count("\n") + 1]
     assert detect_format(str(p)) == "personachat"
 
 
@@ -61,7 +61,8 @@ def test_real_personachat_and_msc_files(shared_data):
     ('{"id": "b", "turns": [', "malformed_json", "malformed JSON"),
     ({"id": "b", "turns": [{"text": "   "}]}, "empty_text", "text is empty"),
     ({"id": "b", "turns": [{"text": 42}]}, "wrong_type", "must be a string"),
-    ({"id": "b", "turns": "hello"}, "wrong_type", "must be a list"),
+    ({"id": "b", "turns": "hello"}, "wrong_type", "turns must be a list, got string"),
+    ({"id": "b", "turns": [{"text": "x", "speaker": 3}]}, "wrong_type", "turns[0].speaker must be a string, got integer"),
     ({"id": "b"}, "missing_field", "missing key"),
     ({"id": "b", "turns": []}, "too_few_turns", "0 turns"),
 ])
@@ -75,7 +76,7 @@ def test_bad_records_name_file_line_and_code(tmp_path, line, code, words):
 
 
 def test_parse_jsonl_chunk_keeps_line_numbers():
-    text = '{"id": 1, "turns": [{"text": "a"}]}\n\n{"id": 2, "turns": [{"text": "b"}]}\n'
+    text = b'{"id": 1, "turns": [{"text": "a"}]}\n\n{"id": 2, "turns": [{"text": "b"}]}\n'
     got = [(n, r.id) for n, r in parse_jsonl("f", "canonical", text, first_line=10)]
     assert got == [(10, "1"), (12, "2")]
 
@@ -100,9 +101,9 @@ def test_scan_chunks_cover_records_with_lines(tmp_path):
     assert sc.records == 13 and [c.records for c in sc.chunks] == [5, 5, 3]
     seen = []
     for c in sc.chunks:
-        text = read_bytes(p, c.start, c.end).decode()
-        seen += [(n, r.id) for n, r in parse_jsonl(p, "canonical", text, c.first_line)]
-    expected = [(n, r.id) for n, r in parse_jsonl(p, "canonical", open(p).read())][:13]
+        data = read_bytes(p, c.start, c.end)
+        seen += [(n, r.id) for n, r in parse_jsonl(p, "canonical", data, c.first_line, c.start)]
+    expected = [(n, r.id) for n, r in parse_jsonl(p, "canonical", open(p, "rb").read())][:13]
     assert seen == expected
     import hashlib
 

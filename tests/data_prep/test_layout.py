@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from data_prep.layout import IGNORE, FastEncoder, layout_dialogue, split_into_windows
+from data_prep.tokenizer_loading import encode_utterances
 from data_prep.schema import DataError, make_dialogue
 from data_prep.tokenizer_loading import SpecialIds
 from data_prep.windows import layout_columns, plan_windows
@@ -84,8 +85,9 @@ def test_fast_encoder_equals_transformers(tokenizer, tokenizer_dir, shared_data)
 
     texts = [t.text for d in list(iter_dialogues(str(shared_data / "msc" / "session_2_test.jsonl")))[:40] for t in d.turns]
     texts += ["<|im_end|> literal specials", "  spaces  ", "émoji 🙂 ünïcode"]
-    expect = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    assert FastEncoder(tokenizer_dir)(texts) == expect
+    expect = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert tokenizer.eos_token_id not in expect[-3], "special-token text stays text"
+    assert encode_utterances(tokenizer, texts) == expect and FastEncoder(tokenizer_dir)(texts) == expect
     with open(f"{tokenizer_dir}/tokenizer.json", encoding="utf-8") as f:
         assert FastEncoder.from_json(f.read())(texts) == expect  # what Ray workers build from the object store
 

@@ -111,11 +111,11 @@ def test_fingerprint_reuses_and_changes(tmp_path):
     before = os.path.getmtime(out / "manifest.json")
     assert prepare([str(src)], str(out), cfg.model_copy(update={"workers": 2}), progress=False) == m1  # execution only
     assert os.path.getmtime(out / "manifest.json") == before, "same fingerprint: reused"
-    m2 = prepare([str(src)], str(out), DataConfig(seq_len=128, engine="local"), progress=False)
+    m2 = prepare([str(src)], str(out), DataConfig(seq_len=128, engine="local"), progress=False, overwrite=True)
     assert m2["fingerprint"] != m1["fingerprint"] and read_manifest(str(out))["seq_len"] == 128
     with open(src, "a") as f:
         f.write(json.dumps({"id": "new", "turns": [{"text": "one more"}]}) + "\n")
-    m3 = prepare([str(src)], str(out), DataConfig(seq_len=128, engine="local"), progress=False)
+    m3 = prepare([str(src)], str(out), DataConfig(seq_len=128, engine="local"), progress=False, overwrite=True)
     assert m3["fingerprint"] != m2["fingerprint"] and m3["counts"]["records"] == 7
 
 

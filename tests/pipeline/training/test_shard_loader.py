@@ -1,8 +1,13 @@
 """The sample stream: per-epoch order, mixed memory-stage batches, resume determinism."""
 
-import numpy as np
+import json
 
-from pipeline.training.shard_loader import ShardData, global_index, micro_batch
+import numpy as np
+import pytest
+
+from data_prep.config import DataConfig
+from data_prep.prep import prepare
+from pipeline.training.shard_loader import ShardData, global_index, load_shards, micro_batch
 
 
 def _data(kinds: list[str], T: int = 4) -> ShardData:
@@ -46,3 +51,20 @@ def test_every_memory_micro_batch_mixes_smr_and_lmr_and_resume_reads_the_same():
     b1 = micro_batch(data, 17, 0, micro_size=2, grad_accum=1, dp_rank=1, dp_size=2, seed=5)
     b2 = micro_batch(fresh, 17, 0, micro_size=2, grad_accum=1, dp_rank=1, dp_size=2, seed=5)
     assert b1["rows"] == b2["rows"] and b1["mask_kind"] == b2["mask_kind"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_load_shards_checks_size_and_sha256_of_each_shard_it_opens(tmp_path, damage):
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"id": f"g{i}", "turns": [{"text": f"hello {i}, how was your day at work?"},
+                                                                {"text": "hi"}]}) + "\n" for i in range(12)))
+    out = tmp_path / "shards"
+    m = prepare([str(src)], str(out), DataConfig(seq_len=64, engine="local", shard_rows=2), progress=False)
+    assert len(load_shards(str(out))) == m["counts"]["sequences"]
+    shard = out / m["shards"][-1]["file"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-3] if damage == "truncate" else data[:-9] + bytes([data[-9] ^ 1]) + data[-8:])
+    with pytest.raises(ValueError) as e:
+        load_shards(str(out))
+    assert str(e.value).startswith(f"{shard}: ") and "\n" not in str(e.value)
+    assert ("bytes" if damage == "truncate" else "sha256") in str(e.value)
