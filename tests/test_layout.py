@@ -142,3 +142,32 @@ def test_the_repeat_check_finds_a_copied_block(tmp_path, monkeypatch):
     (tmp_path / "b.py").write_text("y = 1\n" + body)
     monkeypatch.setattr("tests.test_layout.REPO", str(tmp_path))
     assert _repeated_blocks(["a.py", "b.py"]) == ["b.py:2 repeats a.py:1"]
+
+
+def _guarantee_refs() -> list[tuple[str, str | None]]:
+    """(test file, test name or None) of every reference in README's "What convsink guarantees" table."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    section = text.split("## What convsink guarantees", 1)[1].split("\n## ", 1)[0]
+    refs = []
+    for line in section.splitlines():
+        if not line.startswith("| ") or line.startswith("| promise"):
+            continue
+        path = None
+        for ref in re.findall(r"`([^`]+)`", line.rsplit(" | ", 1)[-1]):
+            if ref.startswith("tests/"):
+                path, _, name = ref.partition("::")
+            elif ref.startswith("::") and path:
+                name = ref[2:]
+            else:
+                continue
+            refs.append((path, name or None))
+    return refs
+
+
+def test_every_guarantee_names_a_test_that_exists():
+    refs = _guarantee_refs()
+    assert len(refs) >= 20, refs
+    missing = [f"{p}::{n}" if n else p for p, n in refs
+               if not os.path.isfile(os.path.join(REPO, p))
+               or (n and not re.search(rf"^def {n}\(", open(os.path.join(REPO, p)).read(), re.M))]
+    assert not missing, "README's guarantees table names tests that do not exist:\n" + "\n".join(missing)
