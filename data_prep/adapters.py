@@ -1,4 +1,5 @@
-"""Dialogue adapters: canonical JSONL, PersonaChat JSON, MSC JSONL and chat ``messages`` JSONL → ``Dialogue``.
+"""Dialogue adapters: canonical JSONL, PersonaChat JSON, MSC JSONL and chat JSONL (OpenAI ``messages``, ShareGPT
+``conversations``; ``chat_records``) → ``Dialogue``; Hugging Face datasets go through ``hf_datasets``.
 
 ``iter_dialogues(path, fmt)`` yields a ``Dialogue`` or a ``DataError`` per input record, so the caller decides
 (stop on the first error, or quarantine it); nothing is dropped silently.
@@ -11,29 +12,45 @@ import os
 import re
 from typing import Iterator, Literal
 
+from data_prep.chat_records import MESSAGES, NO_MAPPING, SHAREGPT, ChatMapping, from_chat
 from data_prep.lines import decode_document, json_lines, parse_json, skip_bom
 from data_prep.schema import ID_TYPES, At, DataError, Dialogue, Turn, json_type, make_dialogue, make_turn
 from data_prep.sources import is_uri, read_bytes, resolve_inputs
 
-Format = Literal["auto", "canonical", "personachat", "msc", "messages"]
-FORMATS = ("canonical", "personachat", "msc", "messages")
+Format = Literal["auto", "canonical", "personachat", "msc", "messages", "sharegpt", "hf"]
+HF = "hf"  # read the input through Hugging Face ``datasets`` (records in a format detected from the columns)
+FORMATS = ("canonical", "personachat", "msc", MESSAGES, SHAREGPT, HF)
+RECORD_FORMATS = ("canonical", "msc", MESSAGES, SHAREGPT)  # one JSON object per record (a line or a dataset row)
 
 
-def parse_jsonl(path: str, fmt: str, data: bytes, first_line: int = 1, offset: int = 0
-                ) -> Iterator[tuple[int, Dialogue | DataError]]:
-    """(line number, Dialogue | DataError) for each non-blank line of ``data`` (the bytes of a whole JSON-lines
-    file, or of a chunk of it that starts at byte ``offset``, line ``first_line``); decoding rules in ``lines``."""
+def record_adapter(fmt: str, mapping: ChatMapping = NO_MAPPING):
+    """``adapt(obj, at) -> Dialogue`` for the one-object-per-record format ``fmt``."""
+    if fmt in (MESSAGES, SHAREGPT):
+        return lambda obj, at: from_chat(obj, at, fmt, mapping)
     if fmt not in _LINE_ADAPTERS:
         raise ValueError(f"unknown format {fmt!r}; expected one of auto, {', '.join(FORMATS)}")
-    adapt = _LINE_ADAPTERS[fmt]
-    for lineno, obj in json_lines(path, data, first_line, offset):
+    return _LINE_ADAPTERS[fmt]
+
+
+def adapt_records(source: str, fmt: str, records, mapping: ChatMapping = NO_MAPPING
+                  ) -> Iterator[tuple[object, Dialogue | DataError]]:
+    """(line, Dialogue | DataError) for each ``(line, JSON value | DataError)`` of ``records``."""
+    adapt = record_adapter(fmt, mapping)
+    for line, obj in records:
         if isinstance(obj, DataError):
-            yield lineno, obj
+            yield line, obj
             continue
         try:
-            yield lineno, adapt(obj, At(path, lineno))
+            yield line, adapt(obj, At(source, line))
         except DataError as e:
-            yield lineno, e
+            yield line, e
+
+
+def parse_jsonl(path: str, fmt: str, data: bytes, first_line: int = 1, offset: int = 0,
+                mapping: ChatMapping = NO_MAPPING) -> Iterator[tuple[int, Dialogue | DataError]]:
+    """(line number, Dialogue | DataError) for each non-blank line of ``data`` (the bytes of a whole JSON-lines
+    file, or of a chunk of it that starts at byte ``offset``, line ``first_line``); decoding rules in ``lines``."""
+    yield from adapt_records(path, fmt, json_lines(path, data, first_line, offset), mapping)
 
 
 def _turns(at: At, obj: dict, key: str, text: str, speaker: str, prefix: str = "") -> list[Turn]:
@@ -57,13 +74,6 @@ def _from_canonical(obj, at: At) -> Dialogue:
     turns = _turns(at, obj, "turns", "text", "speaker")
     session = at.expect(obj.get("session"), ("integer",), "session", nullable=True)
     return make_dialogue(at.expect(obj["id"], ID_TYPES, "id"), turns, at.source, at.line, session=session)
-
-
-def _from_messages(obj, at: At) -> Dialogue:
-    at.expect(obj, ("object",), "record")
-    turns = _turns(at, obj, "messages", "content", "role")
-    ep_id = at.expect(obj.get("id"), ID_TYPES, "id", nullable=True)
-    return make_dialogue(f"{os.path.basename(at.source)}:{at.line}" if ep_id is None else ep_id, turns, at.source, at.line)
 
 
 def _from_msc(obj, at: At) -> Dialogue:
@@ -148,7 +158,7 @@ def _iter_personachat(path: str, data: bytes) -> Iterator[Dialogue | DataError]:
             yield e
 
 
-_LINE_ADAPTERS = {"canonical": _from_canonical, "messages": _from_messages, "msc": _from_msc}
+_LINE_ADAPTERS = {"canonical": _from_canonical, "msc": _from_msc}
 
 
 WHOLE_FILE_FORMATS = ("personachat",)
@@ -164,16 +174,21 @@ def detect_format_from_line(path: str, first: str) -> str:
         if first.startswith("{") or first.startswith("["):
             return "personachat"  # a pretty-printed whole-file JSON object
         raise DataError(path, 1, "cannot detect the format: the first line is not JSON", "malformed_json") from None
+    fmt = record_format_of(obj)
+    if fmt is not None:
+        return fmt
+    if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
+        return "personachat"
+    raise DataError(path, 1, f"cannot detect the format; pass --format {'|'.join(FORMATS)}")
+
+
+def record_format_of(obj) -> str | None:
+    """The one-object-per-record format whose key ``obj`` has (messages, conversations, dialog, turns), if any."""
     if isinstance(obj, dict):
-        if "messages" in obj:
-            return "messages"
-        if "dialog" in obj:
-            return "msc"
-        if "turns" in obj:
-            return "canonical"
-        if obj and all(isinstance(v, list) for v in obj.values()):
-            return "personachat"
-    raise DataError(path, 1, "cannot detect the format; pass --format canonical|personachat|msc|messages")
+        for key, fmt in (("messages", MESSAGES), ("conversations", SHAREGPT), ("dialog", "msc"), ("turns", "canonical")):
+            if key in obj:
+                return fmt
+    return None
 
 
 def first_line(data: bytes) -> str:
@@ -186,9 +201,14 @@ def detect_format(path: str) -> str:
     return detect_format_from_line(path, first_line(read_bytes(path)))
 
 
-def iter_dialogues(path: str, fmt: str = "auto") -> Iterator[Dialogue | DataError]:
+def iter_dialogues(path: str, fmt: str = "auto", mapping: ChatMapping = NO_MAPPING) -> Iterator[Dialogue | DataError]:
     """Yield one Dialogue (or the DataError that rejects it) per input record of ``path`` (a local path or a
-    URI pyarrow reads)."""
+    URI pyarrow reads, or a Hugging Face dataset: ``hf_datasets.is_dataset_input``)."""
+    from data_prep import hf_datasets
+
+    if hf_datasets.is_dataset_input(path, fmt):
+        yield from dataset_dialogues(hf_datasets.dataset_records(path, fmt, mapping), mapping)
+        return
     if not (os.path.isfile(path) or (is_uri(path) and resolve_inputs([path]))):
         raise FileNotFoundError(f"{path}: input file not found")
     data = read_bytes(path)
@@ -197,5 +217,11 @@ def iter_dialogues(path: str, fmt: str = "auto") -> Iterator[Dialogue | DataErro
     if fmt == "personachat":
         yield from _iter_personachat(path, data)
         return
-    for _, rec in parse_jsonl(path, fmt, data):
+    for _, rec in parse_jsonl(path, fmt, data, mapping=mapping):
+        yield rec
+
+
+def dataset_dialogues(records, mapping: ChatMapping = NO_MAPPING) -> Iterator[Dialogue | DataError]:
+    """One Dialogue (or DataError) per row of a loaded dataset (``hf_datasets.DatasetRecords``), in row order."""
+    for _, rec in adapt_records(records.spec, records.fmt, records.rows_as_objects(0, records.rows), mapping):
         yield rec

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer, model_validator
 
+from data_prep.contract import ROLES
+
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ``${NAME}`` in a string value of a recipe
 
 
@@ -72,12 +74,25 @@ class LMRConfig(Strict):
     supervise_repeated_response: bool = Field(False, description="also put loss on the repeated response (paper text); reference: query only")
 
 
+class ChatColumns(Strict):
+    messages: str | None = Field(None, description="the list of messages (default: conversations for sharegpt, messages for messages)")
+    role: str | None = Field(None, description="a message's role (default: from / role)")
+    content: str | None = Field(None, description="a message's text (default: value / content)")
+    system: str | None = Field(None, description="a top-level system prompt, put first as a system turn (default: system)")
+    id: str | None = Field(None, description="the dialogue id (default: id; none = FILE:LINE or DATASET[row N])")
+
+
 class DataConfig(Strict):
     tokenizer: str = Field("smollm2", description="'smollm2' (bundled, no download) or a path to a Hugging Face tokenizer folder")
-    format: Literal["auto", "canonical", "personachat", "msc", "messages"] = Field("auto", description="input format")
+    format: Literal["auto", "canonical", "personachat", "msc", "messages", "sharegpt", "hf"] = Field("auto", description="input format: auto (from the first line, a .parquet/.arrow suffix, a save_to_disk folder or hf://ID), a record format, or hf = any file read through Hugging Face datasets")
+    columns: ChatColumns | None = Field(None, description="sharegpt/messages: field names of your data when they differ from the format's (LLaMA-Factory dataset_info columns/tags)")
+    roles: dict[str, Literal[ROLES]] = Field(default_factory=dict, description="sharegpt/messages: your role names -> system, user, assistant or tool (added to the built-in ones, e.g. human -> user)")
     eou: Literal["eos", "new"] = Field("eos", description="End-of-Utterance token: the tokenizer's EOS, or a new special token")
     eou_token: str = Field("<|eou|>", description="the new special token's text when eou=new")
     speaker_tags: bool = Field(False, description="prefix each utterance with its speaker ('A: ...')")
+    template: Literal["plain", "chat"] = Field("plain", description="plain = the paper's layout of bare utterances; chat = each turn rendered by the tokenizer's own chat template, EoU = its end-of-turn token")
+    train_on: Literal["all", "assistant"] | list[Literal["system", "user", "assistant", "tool"]] = Field("all", description="template=chat: roles whose content (and EoU) carries loss: all, assistant, or a list of roles")
+    pin_system: bool | None = Field(None, description="template=chat: lay out a leading system turn with BOS as utterance 0, a sink (None = on with chat)")
     seq_len: int = Field(1024, ge=8, description="tokens per packed training sequence")
     max_dialogues: int | None = Field(None, ge=1, description="use at most this many dialogues per input file (None = all)")
     packing: Literal["ffd_fill", "ffd"] = Field("ffd_fill", description="ffd = first-fit-decreasing; ffd_fill = FFD, then its loose bins repacked by bin completion (never more sequences than FFD)")

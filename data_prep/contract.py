@@ -33,6 +33,10 @@ BASELINE_MASKS = (CAUSAL, LOCAL, STREAMINGLLM, BIGBIRD)  # the paper's compariso
 MASK_KINDS = TASKS + BASELINE_MASKS
 DIALOGUE_ROW_MASKS = (DIALOGUE,) + BASELINE_MASKS  # what ``model.mask.dialogue_kind`` may apply to dialogue rows
 
+# -- chat roles: every chat-format adapter normalises a turn's speaker to one of these -----------------------------
+SYSTEM, USER, ASSISTANT, TOOL = "system", "user", "assistant", "tool"
+ROLES = (SYSTEM, USER, ASSISTANT, TOOL)
+
 # -- training stages: which mask kinds each stage reads ------------------------------------------------------------
 MEMORY_STAGE, DIALOGUE_STAGE = "memory", "dialogue"
 STAGE_KINDS = {MEMORY_STAGE: (SMR, LMR), DIALOGUE_STAGE: (DIALOGUE,)}  # in the order `convsink run` trains them

@@ -29,8 +29,9 @@ class DuplicateIds:
         for fi, ordinal, line, source, did in zip(*cols.values()):
             key = (fi, did[len(display_name(source)) + 1:])  # the record's own id (dialogue_id is FILE:ID)
             if key in self.first_line:
-                repeats[(fi, ordinal)] = DataError(source, int(line), f"duplicate id {key[1]!r} (first at line "
-                                                   f"{self.first_line[key]})", "duplicate_id")
+                first = self.first_line[key]  # a file's line number, or a dataset's "row N"
+                repeats[(fi, ordinal)] = DataError(source, int(line) if line.isdigit() else line, f"duplicate id "
+                                                   f"{key[1]!r} (first at {'line ' * first.isdigit()}{first})", "duplicate_id")
             else:
                 self.first_line[key] = line
         if not repeats:

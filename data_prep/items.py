@@ -35,6 +35,7 @@ PIECE_SCHEMA = pa.schema([
     ("tokens_rejected", pa.int64()),  # tokens of a record rejected after tokenization
     ("dialogue_id", pa.string()),
     (MASK_KIND, pa.string()),
+    ("supervised_by_role", pa.string()),  # template=chat: JSON role -> supervised tokens of the window ("" otherwise)
     *_TOKEN_COLUMNS,
 ])
 
@@ -58,7 +59,7 @@ class PieceBuilder:
     def reject(self, file_index: int, ordinal: int, err: DataError, tokens: int = 0) -> None:
         self.rows.append(self._base(file_index, ordinal, err.line, err.source) | {
             "error": err.reason, "code": err.code, "window": 0, "windows": 0, "utterances": 0,
-            "tokens_rejected": tokens, "dialogue_id": "", MASK_KIND: "",
+            "tokens_rejected": tokens, "dialogue_id": "", MASK_KIND: "", "supervised_by_role": "",
             **{name: [] for name, _ in _TOKEN_COLUMNS}})
 
     def keep(self, file_index: int, ordinal: int, line, source: str, windows: list[TokenizedDialogue]) -> None:
@@ -66,6 +67,7 @@ class PieceBuilder:
             self.rows.append(self._base(file_index, ordinal, line, source) | {
                 "error": "", "code": "", "window": w.window, "windows": len(windows), "utterances": w.num_utterances,
                 "tokens_rejected": 0, "dialogue_id": w.dialogue_id, MASK_KIND: w.mask_kind,
+                "supervised_by_role": w.supervised_by_role,
                 **{name: getattr(w, name) for name, _ in _TOKEN_COLUMNS}})
 
     def table(self) -> pa.Table:

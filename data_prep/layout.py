@@ -29,6 +29,7 @@ class TokenizedDialogue:
     blk: list[int]
     mask_kind: str = DIALOGUE
     window: int = 0  # index of this window inside its dialogue (0 unless split)
+    supervised_by_role: str = ""  # template=chat: JSON role -> tokens with loss (the manifest's per-role counts)
 
     def __len__(self) -> int:
         return len(self.input_ids)

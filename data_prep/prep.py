@@ -36,7 +36,7 @@ from data_prep.reader import input_metas
 from data_prep.schema import DataError
 from data_prep.shards import MANIFEST, ShardIntegrityError, encode_shard, read_manifest, verify_shards
 from data_prep.sources import is_uri, resolve_inputs
-from data_prep.tokenizer_loading import load_tokenizer, prepare_tokenizer
+from data_prep.tokenizer_loading import layout_ids, load_tokenizer
 
 FORMAT_VERSION = 3  # 3: strict UTF-8, typed fields, duplicate ids rejected, special-token text kept as text
 EXECUTION_FIELDS = ("engine", "workers", "chunk_records", "memory_chunk")  # never change the output
@@ -97,7 +97,7 @@ def prepare(inputs: list[str], out: str, cfg: DataConfig, progress: bool = True,
     if not paths:
         raise ValueError("no input files given")
     tokenizer = load_tokenizer(cfg.tokenizer)
-    ids = prepare_tokenizer(tokenizer, cfg.eou, cfg.eou_token)
+    ids = layout_ids(tokenizer, cfg)
     metas = input_metas(paths, cfg)
     digest = tokenizer_digest(tokenizer)
     fp = fingerprint(metas, cfg, digest)
@@ -186,6 +186,15 @@ def _count(pieces: pa.Table, metas: list[dict]) -> tuple[dict, list[dict]]:
     return counts, per_input
 
 
+def supervised_by_role(pieces: pa.Table) -> dict:
+    """template=chat: tokens with loss per role over the kept dialogue windows."""
+    total: dict = {}
+    for text in pieces["supervised_by_role"].to_pylist():
+        for role, n in (json.loads(text) if text else {}).items():
+            total[role] = total.get(role, 0) + n
+    return dict(sorted(total.items()))
+
+
 def _rejected_records(pieces: pa.Table) -> list[dict]:
     bad = pieces.filter(pc.not_equal(pieces["error"], "")).select(["source", "line", "code", "error", "tokens_rejected"])
     out = []
@@ -200,7 +209,7 @@ def corpus_of(items: pa.Table, window: np.ndarray) -> Corpus:
     """The kept dialogues' utterances (windows joined back), for the memory tasks."""
     ids = items[INPUT_IDS].combine_chunks().flatten().to_numpy()
     utt = items[UTT_IDS].combine_chunks().flatten().to_numpy()
-    eou = items[EOU].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    eou = items[EOU].combine_chunks().flatten().to_numpy(zero_copy_only=False) & (utt > 0)  # a pinned turn's: no
     content = (utt > 0) & ~eou
     ends = np.nonzero(eou)[0]
     csum = np.cumsum(content)
@@ -287,6 +296,8 @@ def _prepare_into(paths, metas, tmp, cfg: DataConfig, tokenizer, ids, fp, digest
         bar.close()
     timing["read_tokenize_seconds"] = round(time.perf_counter() - t0, 3)
     counts, per_input = _count(pieces, metas)
+    if cfg.template == "chat":
+        counts["supervised_tokens_by_role"] = supervised_by_role(pieces)
     if cfg.on_bad_record == "error":
         for m in per_input:
             if m["records"] and m["kept"] == 0:

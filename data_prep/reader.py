@@ -19,17 +19,21 @@ import pyarrow as pa
 
 from data_prep.adapters import (
     WHOLE_FILE_FORMATS,
+    adapt_records,
     detect_format_from_line,
     parse_jsonl,
     personachat_dialogue,
     personachat_records,
 )
+from data_prep.chat_records import ChatMapping
 from data_prep.config import DataConfig
-from data_prep.contract import DIALOGUE, MASK_KIND
+from data_prep.chat_template import ChatTurns, chat_columns, encode_dialogue, pin_of
+from data_prep.contract import BLK, DIALOGUE, EOU, INPUT_IDS, LABELS, MASK_KIND, UTT_IDS
 from data_prep.items import PieceBuilder, pieces_from_columns
-from data_prep.layout import dialogue_texts, split_into_windows
+from data_prep.layout import TokenizedDialogue, dialogue_texts, split_into_windows
+from data_prep.hf_datasets import DATASETS_READER, dataset_records, is_dataset_input, rows_of_table
 from data_prep.schema import DataError
-from data_prep.sources import canonical_path, display_name, read_bytes, scan
+from data_prep.sources import Chunk, canonical_path, display_name, read_bytes, scan
 from data_prep.tokenizer_loading import SpecialIds
 from data_prep.windows import layout_columns, plan_windows
 
@@ -43,7 +47,8 @@ class ChunkTask:
     end: int
     first_line: int
     first_record: int
-    payload: bytes = b""  # whole-file formats: pickled [(key, turns, line) | DataError]
+    payload: bytes = b""  # whole-file formats: pickled [(key, turns, line) | DataError]; datasets: Arrow IPC rows
+    reader: str = ""  # "datasets": rows [start, end) of a Hugging Face dataset (``hf_datasets``)
     records: int = 0
     nbytes: int = 0  # input bytes the task covers (for whole-file formats an estimate): balances the tasks
 
@@ -56,6 +61,9 @@ def input_metas(paths: list[str], cfg: DataConfig) -> list[dict]:
     written to the manifest) the byte ranges of its JSON-lines chunks."""
     metas = []
     for path in paths:
+        if is_dataset_input(path, cfg.format):
+            metas.append(dataset_meta(path, cfg))
+            continue
         sc = scan(path, cfg.chunk_records or FINE_CHUNK, cfg.max_dialogues, lines=cfg.format not in WHOLE_FILE_FORMATS)
         if not sc.first_line:  # nothing but whitespace (or a BOM): an error in every mode, never a silent zero
             raise DataError(path, 1, "file is empty: no records", "empty_file")
@@ -63,6 +71,17 @@ def input_metas(paths: list[str], cfg: DataConfig) -> list[dict]:
         metas.append({"path": canonical_path(path), "name": display_name(path), "sha256": sc.sha256,
                       "bytes": sc.size, "format": fmt, "_chunks": sc.chunks})
     return metas
+
+
+def dataset_meta(path: str, cfg: DataConfig) -> dict:
+    """The meta of a dataset input: its row ranges are its chunks; the loaded dataset rides along (``_records``)."""
+    records = dataset_records(path, cfg.format, ChatMapping.of(cfg))
+    rows = records.rows if cfg.max_dialogues is None else min(records.rows, cfg.max_dialogues)
+    size = cfg.chunk_records or FINE_CHUNK
+    chunks = [Chunk(a, min(a + size, rows), 0, a, min(a + size, rows) - a) for a in range(0, rows, size)]
+    return {"path": canonical_path(path), "name": display_name(path), "sha256": records.sha256,
+            "bytes": records.dataset.data.nbytes, "format": records.fmt, "reader": DATASETS_READER,
+            "rows": records.rows, "_chunks": chunks, "_records": records}
 
 
 FINE_CHUNK = 16  # records per scanned chunk when data.chunk_records is None (merged into tasks below)
@@ -78,6 +97,11 @@ def chunk_tasks(paths: list[str], metas: list[dict], cfg: DataConfig, workers: i
     fine: list[ChunkTask] = []
     for fi, (path, meta) in enumerate(zip(paths, metas)):
         fmt = meta["format"]
+        if meta.get("reader") == DATASETS_READER:
+            per_row = meta["bytes"] / max(meta["rows"], 1)
+            fine += [ChunkTask(fi, path, fmt, c.start, c.end, 0, c.first_record, records=c.records,
+                               nbytes=int(per_row * c.records), reader=DATASETS_READER) for c in meta["_chunks"]]
+            continue
         if fmt not in WHOLE_FILE_FORMATS:
             fine += [ChunkTask(fi, path, fmt, c.start, c.end, c.first_line, c.first_record, records=c.records,
                                nbytes=c.end - c.start) for c in meta["_chunks"]]
@@ -95,9 +119,18 @@ def chunk_tasks(paths: list[str], metas: list[dict], cfg: DataConfig, workers: i
     if cfg.chunk_records is None:
         fine = _merge_by_bytes(fine, workers)
     for t in fine:
-        if t.payload:
+        if t.reader == DATASETS_READER:  # the rows travel with the task: workers need not see the driver's disk
+            t.payload = arrow_ipc(metas[t.file_index]["_records"].arrow_rows(t.start, t.end))
+        elif t.payload:
             t.payload = pickle.dumps(t.payload, protocol=5)
     return fine
+
+
+def arrow_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
 def _merge_by_bytes(fine: list[ChunkTask], workers: int) -> list[ChunkTask]:
@@ -118,8 +151,13 @@ def _merge_by_bytes(fine: list[ChunkTask], workers: int) -> list[ChunkTask]:
     return merged
 
 
-def read_chunk(task: ChunkTask):
+def read_chunk(task: ChunkTask, mapping: ChatMapping):
     """(ordinal, line, Dialogue | DataError) for each record of the chunk, in order."""
+    if task.reader == DATASETS_READER:
+        rows = rows_of_table(pa.ipc.open_stream(task.payload).read_all(), task.start)
+        for k, (line, rec) in enumerate(adapt_records(task.path, task.fmt, rows, mapping)):
+            yield task.first_record + k, line, rec
+        return
     if task.payload:
         for k, rec in enumerate(pickle.loads(task.payload)):
             if isinstance(rec, DataError):
@@ -131,18 +169,19 @@ def read_chunk(task: ChunkTask):
                 yield task.first_record + k, e.line, e
         return
     data = read_bytes(task.path, task.start, task.end)
-    for k, (lineno, rec) in enumerate(parse_jsonl(task.path, task.fmt, data, task.first_line, task.start)):
+    for k, (lineno, rec) in enumerate(parse_jsonl(task.path, task.fmt, data, task.first_line, task.start, mapping)):
         yield task.first_record + k, lineno, rec
 
 
 def process_chunk(task: ChunkTask, encode, ids: SpecialIds, cfg: DataConfig) -> pa.Table:
     """Read, validate, tokenize (one batched call) and window the records of one chunk → pieces table
     (numpy layout, ``windows.layout_columns``)."""
-    records = list(read_chunk(task))
-    texts = [dialogue_texts(d, cfg.speaker_tags) for _, _, d in records if not isinstance(d, DataError)]
+    records = chat_records(list(read_chunk(task, ChatMapping.of(cfg))), ids.chat)
+    texts = [dialogue_texts(d, cfg.speaker_tags) for _, _, d in records if not isinstance(d, (DataError, ChatTurns))]
     flat = encode([t for ts in texts for t in ts])
     name = display_name(task.path)
     scalars, row_lengths, windows, kept_lens, kept_utts = [], [], [], [], []
+    flags, eou_flags, pin = [], [], []
     k = 0
     for ordinal, line, rec in records:
         base = {"file_index": task.file_index, "ordinal": ordinal, "source": task.path}
@@ -150,8 +189,12 @@ def process_chunk(task: ChunkTask, encode, ids: SpecialIds, cfg: DataConfig) -> 
             scalars.append(base | _rejected(rec))
             row_lengths.append(0)
             continue
-        utts = flat[k:k + len(rec.turns)]
-        k += len(rec.turns)
+        if isinstance(rec, ChatTurns):
+            turns, rec = rec, rec.dialogue
+            utts = turns.utterances
+        else:
+            utts = flat[k:k + len(rec.turns)]
+            k += len(rec.turns)
         lens = [len(u) for u in utts]
         plan = plan_windows(lens, cfg.seq_len)
         if isinstance(plan, int):
@@ -163,26 +206,55 @@ def process_chunk(task: ChunkTask, encode, ids: SpecialIds, cfg: DataConfig) -> 
         first = len(kept_lens)
         kept_lens += lens
         kept_utts += utts
+        if ids.chat is not None:
+            flags += [f for fs in turns.supervised for f in fs]
+            eou_flags += turns.eou_supervised
+            pin += pin_of(turns, ids.chat, plan)
         for w, (a, b) in enumerate(plan):
             windows.append((first + a, first + b))
             scalars.append(base | {"line": str(rec.line), "error": "", "code": "", "window": w, "windows": len(plan),
                                    "utterances": b - a, "tokens_rejected": 0, "dialogue_id": f"{name}:{rec.id}",
-                                   MASK_KIND: DIALOGUE})
+                                   MASK_KIND: DIALOGUE, "supervised_by_role": ""})
             row_lengths.append(1 + sum(kept_lens[first + a:first + b]) + (b - a))
     tokens = np.fromiter(chain.from_iterable(kept_utts), dtype=np.int32, count=sum(kept_lens))
     cols = layout_columns(np.asarray(kept_lens, dtype=np.int64), tokens, windows, ids)
+    if ids.chat is not None:
+        cols = chat_columns(cols, np.asarray(kept_lens, dtype=np.int64), flags, eou_flags, windows, pin)
+        for row, counts in zip((r for r in scalars if r["error"] == ""), cols["supervised_by_role"]):
+            row["supervised_by_role"] = counts
     return pieces_from_columns(scalars, row_lengths, cols)
+
+
+def chat_records(records: list, spec) -> list:
+    """With a chat layout, each dialogue rendered by its template (a ``ChatTurns`` carrying its ``dialogue``; a turn
+    the template cannot render becomes the record's DataError); the records unchanged otherwise."""
+    if spec is None:
+        return records
+    out = []
+    for ordinal, line, rec in records:
+        if not isinstance(rec, DataError):
+            try:
+                turns = encode_dialogue(spec, rec)
+                turns.dialogue, rec = rec, turns
+            except DataError as e:
+                rec = e
+        out.append((ordinal, line, rec))
+    return out
 
 
 def _rejected(err: DataError, tokens: int = 0) -> dict:
     return {"line": str(err.line), "source": err.source, "error": err.reason, "code": err.code, "window": 0,
-            "windows": 0, "utterances": 0, "tokens_rejected": tokens, "dialogue_id": "", MASK_KIND: ""}
+            "windows": 0, "utterances": 0, "tokens_rejected": tokens, "dialogue_id": "", MASK_KIND: "",
+            "supervised_by_role": ""}
 
 
 def keep_or_reject(out: PieceBuilder, file_index: int, ordinal: int, line, name: str, dialogue, utterances,
                    ids: SpecialIds, seq_len: int) -> None:
     """Window a tokenized dialogue (ids name their file: MSC episodes recur across session files), or reject
     it with its token count when an utterance cannot fit a sequence."""
+    if ids.chat is not None:
+        _keep_or_reject_chat(out, file_index, ordinal, line, name, dialogue, ids, seq_len)
+        return
     try:
         windows = split_into_windows(dialogue, utterances, ids, seq_len)
     except DataError as e:
@@ -190,4 +262,30 @@ def keep_or_reject(out: PieceBuilder, file_index: int, ordinal: int, line, name:
         return
     for w in windows:
         w.dialogue_id = f"{name}:{dialogue.id}"
+    out.keep(file_index, ordinal, line, dialogue.source, windows)
+
+
+def _keep_or_reject_chat(out: PieceBuilder, file_index: int, ordinal: int, line, name: str, dialogue,
+                         ids: SpecialIds, seq_len: int) -> None:
+    """``keep_or_reject`` with the chat layout (the same column code as the Ray engine's ``process_chunk``)."""
+    try:
+        turns = encode_dialogue(ids.chat, dialogue)
+    except DataError as e:
+        out.reject(file_index, ordinal, e)
+        return
+    lens = [len(u) for u in turns.utterances]
+    plan = plan_windows(lens, seq_len)
+    if isinstance(plan, int):
+        out.reject(file_index, ordinal, DataError(dialogue.source, dialogue.line, f"turn {plan} has {lens[plan]} tokens; "
+                   f"with BOS and EoU it exceeds seq_len={seq_len}", "too_long"), tokens=1 + sum(n + 1 for n in lens))
+        return
+    tokens = np.fromiter(chain.from_iterable(turns.utterances), dtype=np.int32, count=sum(lens))
+    cols = chat_columns(layout_columns(np.asarray(lens, dtype=np.int64), tokens, plan, ids), np.asarray(lens),
+                        [f for fs in turns.supervised for f in fs], turns.eou_supervised, plan, pin_of(turns, ids.chat, plan))
+    ends = np.cumsum(cols["lengths"])
+    windows = []
+    for w, ((a, b), stop) in enumerate(zip(plan, ends)):
+        cut = {c: cols[c][stop - cols["lengths"][w]:stop].tolist() for c in (INPUT_IDS, LABELS, UTT_IDS, EOU, BLK)}
+        windows.append(TokenizedDialogue(f"{name}:{dialogue.id}", cut[INPUT_IDS], cut[LABELS], cut[UTT_IDS],
+                                         [bool(x) for x in cut[EOU]], cut[BLK], DIALOGUE, w, cols["supervised_by_role"][w]))
     out.keep(file_index, ordinal, line, dialogue.source, windows)

@@ -13,15 +13,23 @@ from dataclasses import dataclass, field
 
 
 class DataError(ValueError):
-    """A bad input record. ``str(err)`` is one line: ``FILE:LINE: reason``. ``code`` is a short category
-    (malformed_json, wrong_type, missing_field, empty_text, too_long, ...) counted in the manifest."""
+    """A bad input record. ``str(err)`` is one line: ``FILE:LINE: reason`` (a dataset row: ``DATASET[row N]: reason``;
+    a whole dataset, line ``""``: ``DATASET: reason``). ``code`` is a short category (malformed_json, wrong_type,
+    missing_field, empty_text, too_long, ...) counted in the manifest."""
 
     def __init__(self, source: str, line: int | str, reason: str, code: str = "invalid"):
         self.source, self.line, self.reason, self.code = source, line, reason, code
-        super().__init__(f"{source}:{line}: {reason}")
+        super().__init__(f"{where(source, line)}: {reason}")
 
     def __reduce__(self):  # picklable with all fields (Ray workers send errors back)
         return (DataError, (self.source, self.line, self.reason, self.code))
+
+
+def where(source: str, line: int | str) -> str:
+    """``FILE:LINE``, ``DATASET[row N]`` (a line that is a string) or ``DATASET`` (no line)."""
+    if line == "" or line is None:
+        return source
+    return f"{source}[{line}]" if isinstance(line, str) else f"{source}:{line}"
 
 
 @dataclass(frozen=True)

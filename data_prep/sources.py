@@ -22,6 +22,15 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+HUB_PREFIX = "hf://"  # a Hugging Face Hub dataset id, read from the local cache (``hf_datasets``)
+SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")  # what ``save_to_disk`` writes
+
+
+def is_saved_dataset(path: str) -> bool:
+    """Whether ``path`` is a folder written by ``datasets``' ``save_to_disk``."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in SAVED_DATASET_FILES)
+
+
 def filesystem(path: str):
     """(pyarrow FileSystem, path inside it) for a local path or a URI."""
     import pyarrow.fs as pafs
@@ -63,7 +72,9 @@ def resolve_inputs(specs: list[str]) -> list[str]:
     A missing file or a pattern that matches nothing is a FileNotFoundError naming it."""
     out: list[str] = []
     for spec in specs:
-        if any(c in spec for c in _GLOB):
+        if spec.startswith(HUB_PREFIX) or is_saved_dataset(spec):  # datasets: checked when loaded
+            out.append(spec)
+        elif any(c in spec for c in _GLOB):
             matches = _glob_uri(spec) if is_uri(spec) else sorted(p for p in glob.glob(spec) if os.path.isfile(p))
             if not matches:
                 raise FileNotFoundError(f"{spec}: no input file matches this pattern")

@@ -64,6 +64,7 @@ class SpecialIds:
     bos: int
     eou: int
     pad: int
+    chat: object = None  # data_prep.chat_template.ChatSpec with data.template=chat (None: the plain layout)
 
 
 def prepare_tokenizer(tokenizer, eou: str = "eos", eou_token: str = "<|eou|>") -> SpecialIds:
@@ -81,6 +82,28 @@ def prepare_tokenizer(tokenizer, eou: str = "eos", eou_token: str = "<|eou|>") -
         raise ValueError("the tokenizer has neither a BOS nor an EOS token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eou_id
     return SpecialIds(bos=int(bos), eou=int(eou_id), pad=int(pad))
+
+
+def layout_ids(tokenizer, cfg) -> SpecialIds:
+    """The ids of the layout a DataConfig asks for: plain (``prepare_tokenizer``), or chat, where the sink is the
+    template's first token and the EoU its end-of-turn token (``data_prep.chat_template``)."""
+    if cfg.template != "chat":
+        if cfg.train_on != "all":
+            raise ValueError(f"data.train_on={cfg.train_on}: role-aware loss needs data.template=chat (the plain layout "
+                             "has no roles)")
+        return prepare_tokenizer(tokenizer, cfg.eou, cfg.eou_token)
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ValueError(f"data.template=chat: tokenizer {tokenizer.name_or_path} has no tokenizer.json (a fast "
+                         "tokenizer is needed)")
+    from data_prep.chat_template import chat_spec, encode_dialogue
+    from data_prep.contract import ASSISTANT, ROLES
+    from data_prep.schema import Dialogue, Turn
+
+    roles = ROLES if cfg.train_on == "all" else (ASSISTANT,) if cfg.train_on == "assistant" else tuple(cfg.train_on)
+    spec = chat_spec(tokenizer, roles, cfg.pin_system is not False)
+    probe = encode_dialogue(spec, Dialogue("probe", (Turn("user", "a"), Turn("assistant", "b")), source="<template>"))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(spec.eou_text)
+    return SpecialIds(bos=probe.sink, eou=tokenizer.convert_tokens_to_ids(spec.eou_text), pad=int(pad), chat=spec)
 
 
 def train_bpe_tokenizer(inputs: list[str], out_dir: str, vocab_size: int = 2048, fmt: str = "auto") -> str:

@@ -161,6 +161,7 @@ class ExportInfo:
     cache: dict = field(default_factory=dict)  # the chat cache it is served with (policy, positions, sink_tokens, window)
     source: dict | None = None  # the checkpoint and stage it was exported from
     version: int = 1
+    layout: dict = field(default_factory=dict)  # the data layout it was trained on: template, train_on, pin_system
 
     @property
     def special_ids(self) -> SpecialIds:
@@ -176,6 +177,7 @@ class ExportInfo:
         """The file's content, keys in a fixed order (``source`` only when known)."""
         out = {"version": self.version, "bos_token_id": self.bos_token_id, "eou_token_id": self.eou_token_id,
                "pad_token_id": self.pad_token_id, "eou_token": self.eou_token, "mask": self.mask, "cache": self.cache}
+        out = out if not self.layout else dict(out, layout=self.layout)
         return out if self.source is None else dict(out, source=self.source)
 
     def write(self, folder: str) -> None:
@@ -196,7 +198,7 @@ class ExportInfo:
         missing = [k for k in ("bos_token_id", "eou_token_id") if not isinstance(raw.get(k), int)]
         if missing:
             raise ValueError(f"{path}: missing or non-integer {', '.join(missing)}")
-        known = {k: raw[k] for k in ("eou_token", "mask", "cache", "source", "version") if k in raw}
+        known = {k: raw[k] for k in ("eou_token", "mask", "cache", "source", "version", "layout") if k in raw}
         pad = raw.get("pad_token_id")
         return cls(bos_token_id=raw["bos_token_id"], eou_token_id=raw["eou_token_id"],
                    pad_token_id=pad if isinstance(pad, int) else raw["eou_token_id"], **known)

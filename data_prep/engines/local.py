@@ -8,7 +8,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from data_prep.adapters import iter_dialogues
+from data_prep.adapters import dataset_dialogues, iter_dialogues
+from data_prep.chat_records import ChatMapping
 from data_prep.config import DataConfig
 from data_prep.items import PieceBuilder
 from data_prep.layout import utterance_token_ids
@@ -26,11 +27,13 @@ class LocalEngine:
 
     def pieces(self, paths: list[str], metas: list[dict]) -> Iterator[pa.Table]:
         """Pieces tables in input order (one per file)."""
-        cfg = self.cfg
+        cfg, mapping = self.cfg, ChatMapping.of(self.cfg)
         for fi, (path, meta) in enumerate(zip(paths, metas)):
             out = PieceBuilder()
             name = display_name(path)
-            for ordinal, rec in enumerate(iter_dialogues(path, meta["format"])):
+            records = meta.get("_records")  # a Hugging Face dataset, loaded by the driver
+            stream = iter_dialogues(path, meta["format"], mapping) if records is None else dataset_dialogues(records, mapping)
+            for ordinal, rec in enumerate(stream):
                 if cfg.max_dialogues is not None and ordinal >= cfg.max_dialogues:
                     break
                 if isinstance(rec, DataError):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.tokenizer_loading import encode_utterances
+from pipeline.inference.chat_turns import CHAT_TEMPLATE
 from pipeline.contract import (
     BLK,
     DENSE,
@@ -32,17 +33,31 @@ PPL_PROTOCOL = ("ppl = exp(mean over dialogues of the per-dialogue mean token NL
                 "included); ppl_token_weighted = exp(mean over all scored tokens)")
 
 
-def tokenized(tokenizer, dialogues: list, max_tokens: int) -> list[tuple[str, list[list[int]]]]:
+def tokenized(tokenizer, dialogues: list, max_tokens: int, layout: dict | None = None) -> list[tuple[str, list[list[int]]]]:
     """(id, utterance token ids) per dialogue, truncated at an utterance boundary to ``max_tokens`` laid out;
-    dialogues left with fewer than 2 utterances are dropped (nothing to score)."""
+    dialogues left with fewer than 2 utterances are dropped (nothing to score). With a chat ``layout`` (convsink.json)
+    the utterances are the template's turns, role headers included, as prep lays them out (a system turn is scored
+    as an utterance here: eval does not pin it)."""
+    spec = None
+    if (layout or {}).get("template") == CHAT_TEMPLATE:
+        from data_prep.chat_template import chat_spec
+
+        spec = chat_spec(tokenizer)
     out = []
     for d in dialogues:
-        utts = encode_utterances(tokenizer, [t.text for t in d.turns])
+        utts = encode_utterances(tokenizer, [t.text for t in d.turns]) if spec is None else chat_utterances(spec, d)
         while utts and 1 + sum(len(u) + 1 for u in utts) > max_tokens:
             utts = utts[:-1]
         if len(utts) >= 2:
             out.append((d.id, utts))
     return out
+
+
+def chat_utterances(spec, dialogue) -> list[list[int]]:
+    """The utterances of ``dialogue`` rendered by the chat template (EoU = its end-of-turn token, not included)."""
+    from data_prep.chat_template import encode_dialogue
+
+    return encode_dialogue(spec, dialogue).utterances
 
 
 def scored_nll(logits: torch.Tensor, input_ids: list[int], utt_ids: list[int]) -> tuple[float, int]:
@@ -64,7 +79,7 @@ def _summary(per_dialogue: list[tuple[float, int]], **extra) -> dict:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, dialogues: list, ids, mask: str, max_tokens: int = 2048,
-               mask_params: dict | None = None) -> dict:
+               mask_params: dict | None = None, layout: dict | None = None) -> dict:
     """method.md §4 perplexity, one full forward per dialogue under ``mask`` (dense boolean mask, SDPA)."""
     from data_prep.layout import layout_dialogue
     from pipeline.config import MaskConfig, ModelConfig
@@ -74,7 +89,7 @@ def perplexity(model, tokenizer, dialogues: list, ids, mask: str, max_tokens: in
     params["dialogue_kind"] = DIALOGUE  # the mask asked for is the mask used (not the model's training baseline)
     cfg = ModelConfig(attention=DENSE, mask=MaskConfig(**params))
     per_dialogue = []
-    for did, utts in tokenized(tokenizer, dialogues, max_tokens):
+    for did, utts in tokenized(tokenizer, dialogues, max_tokens, layout):
         lay = layout_dialogue(did, utts, ids)
         T = len(lay)
         dev = model.device
@@ -92,7 +107,7 @@ def cache_perplexity(model, tokenizer, dialogues: list, info: ExportInfo, settin
     from pipeline.inference.conversation import Conversation
 
     per_dialogue = []
-    for _, utts in tokenized(tokenizer, dialogues, max_tokens):
+    for _, utts in tokenized(tokenizer, dialogues, max_tokens, info.layout):
         conv = Conversation.from_settings(model, info, settings)
         rows, input_ids, utt_ids = [conv.bos_logits[None]], [info.bos_token_id], [0]
         for i, u in enumerate(utts, start=1):

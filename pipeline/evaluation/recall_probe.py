@@ -14,17 +14,24 @@ RECALL_PROMPT = "Can you repeat exactly the first thing that was said in this co
 def _continue_batch(model, tokenizer, info: ExportInfo, settings, histories: list[list[str]], max_new_tokens: int,
                     batch_size: int) -> list[str]:
     """For each history (utterance texts): teacher-force it, then generate the next utterance (greedy)."""
-    from pipeline.inference.conversation import Conversation, generate_batch
+    from pipeline.inference.chat import open_conversation
+    from pipeline.inference.conversation import generate_batch
 
     out = []
     for start in range(0, len(histories), batch_size):
-        convs = []
+        convs, starts = [], []
         for history in histories[start:start + batch_size]:
-            conv = Conversation.from_settings(model, info, settings)
-            for text in history:
-                conv.add_utterance(encode_utterance(tokenizer, text), all_logits=False)
+            conv, turns_in = open_conversation(model, tokenizer, info, settings)  # the model's layout (convsink.json)
+            utterances, opening = turns_in.continuation(history)
+            for ids in utterances:
+                conv.add_utterance(ids, all_logits=False)
+            logits = conv.last_logits
+            for t in opening:  # the next turn's role header (chat template)
+                logits = conv.feed_token(t)
             convs.append(conv)
-        out += [tokenizer.decode(r, skip_special_tokens=True).strip() for r in generate_batch(convs, None, max_new_tokens)]
+            starts.append(logits)
+        replies = generate_batch(convs, starts, max_new_tokens)
+        out += [tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
     return out
 
 

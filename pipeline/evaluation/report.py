@@ -57,7 +57,7 @@ def evaluate_model(model_dir: str, data: list[str], out: str, cache: str | None 
     ids = info.special_ids
     result = {"model": model_dir if model_dir in ("smollm2", "tiny") else os.path.abspath(model_dir), "data": list(data),
               "limit": limit, "cache": asdict(settings), "max_new_tokens": max_new_tokens,
-              "perplexity": perplexity(model, tokenizer, dialogues, ids, mask, max_tokens, info.mask),
+              "perplexity": perplexity(model, tokenizer, dialogues, ids, mask, max_tokens, info.mask, info.layout),
               "perplexity_cache": cache_perplexity(model, tokenizer, dialogues, info, settings, max_tokens)}
     gen = generate_and_probe(model, tokenizer, dialogues, info, settings, max_new_tokens, recall_after, batch_size)
     references = [d.turns[-1].text for d in dialogues]

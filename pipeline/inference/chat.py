@@ -11,6 +11,7 @@ import torch
 from data_prep.tokenizer_loading import encode_utterance
 from pipeline.config import ChatConfig
 from pipeline.contract import CacheSettings
+from pipeline.inference.chat_turns import TurnEncoder
 from pipeline.inference.conversation import Conversation
 from pipeline.modeling.loader import load_chat_model
 
@@ -18,6 +19,27 @@ from pipeline.modeling.loader import load_chat_model
 def encode(tokenizer, text: str) -> list[int]:
     """An utterance's token ids: no special tokens added (method.md §1)."""
     return encode_utterance(tokenizer, text)
+
+
+def open_conversation(model, tok, info, settings: CacheSettings) -> tuple[Conversation, TurnEncoder]:
+    """A conversation in the layout the model was trained on (convsink.json ``layout``): with the chat template,
+    its opening system turn is pinned with BOS (or added, without ``pin_system``)."""
+    turns_in = TurnEncoder(tok, info.layout)
+    system, opening = turns_in.opening()
+    conv = Conversation.from_settings(model, info, settings, system=system)
+    for utterance in opening:
+        conv.add_utterance(utterance, all_logits=False)
+    return conv, turns_in
+
+
+def user_turn(conv: Conversation, turns_in: TurnEncoder, text: str):
+    """Feed the user's utterance, then the reply's opening (the assistant header under the chat template); returns
+    the logits the reply starts from (None: the conversation's last logits)."""
+    conv.add_utterance(turns_in.user(text), all_logits=False)
+    logits = None
+    for t in turns_in.reply_prefix():
+        logits = conv.feed_token(t)
+    return logits
 
 
 def format_cache(info: dict) -> str:
@@ -33,12 +55,12 @@ def run_chat(model_dir: str, turns: list[str] | None, cfg: ChatConfig, show_cach
     convsink.json ``cache`` section, else ``cfg``'s defaults. Greedy at temperature 0, else sampled with ``cfg.seed``."""
     model, tok, info = load_chat_model(model_dir)
     settings = CacheSettings.resolve(cfg, info)
-    conv = Conversation.from_settings(model, info, settings)
+    conv, turns_in = open_conversation(model, tok, info, settings)
     generator = torch.Generator().manual_seed(cfg.seed)
     replies = []
     source = iter(turns) if turns is not None else _stdin_turns(out)
     for user in source:
-        conv.add_utterance(encode(tok, user), all_logits=False)
+        logits = user_turn(conv, turns_in, user)
         out.write("model: ")
         out.flush()
         printed = [""]
@@ -50,13 +72,14 @@ def run_chat(model_dir: str, turns: list[str] | None, cfg: ChatConfig, show_cach
                 out.flush()
                 printed[0] = text
 
-        reply_ids = conv.generate(None, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, on_token)
+        reply_ids = conv.generate(logits, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, on_token)
         reply = tok.decode(reply_ids, skip_special_tokens=True)
         out.write((reply[len(printed[0]):] if reply.startswith(printed[0]) else "\n" + reply) + "\n")
         if show_cache:
             out.write(format_cache(conv.cache_info()) + "\n")
         out.flush()
         replies.append(reply)
+        turns_in.replied(reply)
     return replies
 
 

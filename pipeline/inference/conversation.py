@@ -31,10 +31,15 @@ class Conversation:
 
     Rotary positions: 'absolute' (new tokens continue the dialogue's numbering, cached keys keep theirs) or the
     cache frame (a token is rotated at its index in the cache). streamingllm and recompute always use the cache
-    frame; dense is the same in both; streamingdialogue uses ``positions``."""
+    frame; dense is the same in both; streamingdialogue uses ``positions``.
+
+    ``system`` (token ids): a pinned system prompt, ``[BOS] system EoU`` all with utterance index 0 (the layout of
+    ``data.pin_system``), so like BOS it is visible to every later token and no policy evicts it (streamingdialogue:
+    utt 0; streamingllm and recompute: ``CacheFacts.pinned``); ``last_logits`` then predicts the first user token.
+    ``pinned`` counts BOS + the prompt + its EoU (1: BOS alone)."""
 
     def __init__(self, model, bos_id: int, eou_id: int, policy=STREAMINGDIALOGUE_CACHE, positions: str = ABSOLUTE,
-                 sink_tokens: int = 4, window: int = 256):
+                 sink_tokens: int = 4, window: int = 256, system: list[int] | None = None):
         if positions not in CACHE_POSITIONS:
             raise ValueError(f"unknown cache positions {positions!r}; choose absolute or cache")
         self.model, self.bos_id, self.eou_id = model, bos_id, eou_id
@@ -51,12 +56,18 @@ class Conversation:
         self.utt = 0  # index of the current utterance (BOS is 0)
         self.in_utterance = False
         self.last_logits: torch.Tensor | None = None
-        self.bos_logits = self._feed([bos_id], eou=[False])[0]
+        prefix = [bos_id] + ([*system, eou_id] if system is not None else [])
+        self.pinned = len(prefix)
+        logits = self._feed(prefix, eou=[False] * (len(prefix) - 1) + [system is not None])
+        self.bos_logits = logits[0]
+        if system is not None:
+            self.last_logits = logits[-1]
 
     @classmethod
-    def from_settings(cls, model, info: ExportInfo, settings: CacheSettings) -> "Conversation":
+    def from_settings(cls, model, info: ExportInfo, settings: CacheSettings,
+                      system: list[int] | None = None) -> "Conversation":
         return cls(model, info.bos_token_id, info.eou_token_id, settings.policy, positions=settings.positions,
-                   sink_tokens=settings.sink_tokens, window=settings.window)
+                   sink_tokens=settings.sink_tokens, window=settings.window, system=system)
 
     def fork(self) -> "Conversation":
         """An independent copy sharing the model (the cache tensors are shared until either side changes them)."""
@@ -97,7 +108,7 @@ class Conversation:
     def _facts(self) -> CacheFacts:
         """What the policy gets to read: the store's metadata and where the conversation stands."""
         return CacheFacts(utt=self.store.utt, eou=self.store.eou, utterance=self.utt,
-                          history_tokens=len(self.history))
+                          history_tokens=len(self.history), pinned=self.pinned if self.pinned > 1 else 0)
 
     def _apply(self, decision: Decision) -> None:
         """Carry out a policy's decision on this conversation's cache."""
@@ -105,7 +116,8 @@ class Conversation:
             self.store.keep(decision.index)
         elif isinstance(decision, Reencode):
             self.store.clear()
-            history = self.history[max(0, len(self.history) - decision.tokens):] if decision.tokens > 0 else []
+            start = max(decision.pinned, len(self.history) - decision.tokens) if decision.tokens > 0 else len(self.history)
+            history = self.history[:decision.pinned] + self.history[start:]  # the pinned prompt, then the window
             if history:
                 tokens, utts, eous, positions = zip(*history)
                 self.forward(list(tokens), list(eous), utts=list(utts), positions=list(positions), record=False,
@@ -205,7 +217,8 @@ class Conversation:
         return out
 
     def cache_info(self) -> dict:
-        return {"policy": self.policy.name, "positions": len(self.store), "kv_bytes": self.store.nbytes(),
+        return {"policy": self.policy.name, "positions": len(self.store), "pinned": self.pinned,
+                "kv_bytes": self.store.nbytes(),
                 "utterances": self.utt, "conversation_tokens": self.next_position}
 
 

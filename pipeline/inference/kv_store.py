@@ -72,7 +72,7 @@ class KVStore:
         self.values: list = [None] * num_layers
         self.positions = _empty()  # original (absolute) position of each cached token in the conversation
         self.rope_pos = _empty()  # position its key is rotated at when attended
-        self.utt = _empty()  # utterance index (BOS 0)
+        self.utt = _empty()  # utterance index (BOS and a pinned system prompt: 0)
         self.eou = _empty(torch.bool)
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -95,8 +95,17 @@ def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None) -> 
         ExportInfo.from_manifest(
             tok_meta, eou_token=tokenizer.convert_ids_to_tokens(ids.eou), mask=cfg.model.mask.model_dump(),
             cache=asdict(CacheSettings(cfg.chat.cache, cfg.chat.positions, cfg.chat.sink_tokens, cfg.chat.window)),
-            source={"checkpoint": os.path.abspath(os.path.join(root, tag)), "stage": cfg.train.stage}).write(tmp)
+            source={"checkpoint": os.path.abspath(os.path.join(root, tag)), "stage": cfg.train.stage},
+            layout=layout_of(cfg.data)).write(tmp)
+        if tokenizer.chat_template and not os.path.isfile(os.path.join(tmp, "chat_template.jinja")):
+            raise ValueError(f"{tmp}: the tokenizer's chat template was not saved (chat_template.jinja missing)")
     return out
+
+
+def layout_of(data_cfg) -> dict:
+    """The ``layout`` section of convsink.json: how training rendered dialogues (chat and eval follow it)."""
+    return {"template": data_cfg.template, "train_on": data_cfg.train_on,
+            "pin_system": data_cfg.pin_system is not False if data_cfg.template == "chat" else False}
 
 
 def load_exported(model_dir: str, dtype: torch.dtype = torch.float32):

@@ -53,6 +53,9 @@ def good(fmt: str, i: int) -> dict:
     if fmt == "messages":
         return {"id": f"m{i}", "messages": [{"role": "user", "content": f"hello {i}"},
                                              {"role": "assistant", "content": "hi there"}]}
+    if fmt == "sharegpt":
+        return {"id": f"g{i}", "system": "be brief", "conversations": [{"from": "human", "value": f"hello {i}"},
+                                                                      {"from": "gpt", "value": "hi there"}]}
     return {"dialog": [{"id": "A", "text": f"now {i}"}, {"id": "B", "text": "ok"}], "metadata": {"initial_data_id": f"e{i}"},
             "previous_dialogs": [{"dialog": [{"id": "A", "text": "first"}, {"id": "B", "text": "second"}]}]}
 
@@ -73,8 +76,17 @@ TYPED_PATHS = {
         "id": ({"string", "integer"}, "a string or an integer", True),
         "messages": ({"list"}, "a list", False),
         "messages[1]": ({"object"}, "an object", False),
-        "messages[1].content": ({"string"}, "a string", False),
-        "messages[1].role": ({"string"}, "a string", True),
+        "messages[1].content": ({"string", "list"}, "a string or a list", False),
+        "messages[1].role": ({"string"}, "a string", False),
+    },
+    "sharegpt": {
+        "record": ({"object"}, "an object", False),
+        "id": ({"string", "integer"}, "a string or an integer", True),
+        "system": ({"string"}, "a string", True),
+        "conversations": ({"list"}, "a list", False),
+        "conversations[1]": ({"object"}, "an object", False),
+        "conversations[1].value": ({"string", "list"}, "a string or a list", False),
+        "conversations[1].from": ({"string"}, "a string", False),
     },
     "msc": {
         "record": ({"object"}, "an object", False),

@@ -1,0 +1,99 @@
+"""A model trained with data.template=chat: convsink.json records the layout, chat renders turns with the model's
+chat template (the generation prompt of plain transformers), replies end at the end-of-turn token, and the
+exported tokenizer's chat template works in plain transformers."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pytest
+import torch
+
+from data_prep.config import DataConfig
+from pipeline.config import ChatConfig
+from pipeline.contract import CacheSettings, ExportInfo
+from pipeline.inference.chat import open_conversation, run_chat, user_turn
+from pipeline.modeling.export import layout_of
+from pipeline.modeling.loader import export_random_model, load_chat_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LAYOUT = {"template": "chat", "train_on": "assistant", "pin_system": True}
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    out = str(export_random_model(str(tmp_path_factory.mktemp("chatlayout") / "tiny")))
+    dataclasses.replace(ExportInfo.read(out), layout=LAYOUT).write(out)
+    return out
+
+
+def test_export_records_the_layout_in_convsink_json(chat_model):
+    assert layout_of(DataConfig(template="chat", train_on="assistant")) == LAYOUT
+    assert layout_of(DataConfig())["template"] == "plain"
+    assert ExportInfo.read(chat_model).layout == LAYOUT
+    assert ExportInfo.read(chat_model).to_json()["layout"] == LAYOUT
+
+
+def test_chat_feeds_what_apply_chat_template_renders_and_replies_end_at_end_of_turn(chat_model):
+    model, tok, info = load_chat_model(chat_model)
+    conv, turns_in = open_conversation(model, tok, info, CacheSettings("dense"))
+    logits = user_turn(conv, turns_in, "Hello, who are you?")
+    fed = [h[0] for h in conv.history]
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hello, who are you?"}], tokenize=True,
+                                     add_generation_prompt=True)["input_ids"]
+    assert fed == list(prompt)
+    utt = [h[1] for h in conv.history]
+    system_end = fed.index(info.eou_token_id)
+    assert set(utt[:system_end + 1]) == {0}  # SmolLM2's default system turn is pinned with the sink
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    assert info.eou_token_id == conv.eou_id == end_of_turn
+    reply = conv.generate(logits, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+    assert end_of_turn not in reply and conv.history[-1][0] == end_of_turn and conv.history[-1][2]
+    turns_in.replied(tok.decode(reply))
+    before = len(conv.history)
+    user_turn(conv, turns_in, "Nice.")
+    second = tok.decode([h[0] for h in conv.history[before:]])
+    assert second == "\n<|im_start|>user\nNice.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_run_chat_on_a_chat_layout_model_replies_per_turn(chat_model):
+    out = io.StringIO()
+    replies = run_chat(chat_model, ["Hi!", "How are you?"], ChatConfig(max_new_tokens=4), out=out)
+    assert len(replies) == 2 and out.getvalue().count("model: ") == 2
+
+
+def test_exported_tokenizer_keeps_its_chat_template(chat_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)["input_ids"]
+    assert tok.decode(ids).startswith("<|im_start|>system\n") and "<|im_start|>user\nhi<|im_end|>" in tok.decode(ids)
+
+
+def test_eval_encodes_references_with_the_chat_template(chat_model):
+    from data_prep.schema import Dialogue, Turn
+    from pipeline.evaluation.perplexity import tokenized
+
+    _, tok, info = load_chat_model(chat_model)
+    turns = (Turn("A", "Hi, I like tea."), Turn("B", "Me too!"), Turn("A", "Green or black?"))
+    [(_, utts)] = tokenized(tok, [Dialogue("d", turns)], 4096, info.layout)
+    laid = [info.bos_token_id] + [t for u in utts for t in list(u) + [info.eou_token_id]]
+    messages = [{"role": r, "content": t.text} for r, t in zip(("user", "assistant", "user"), turns)]
+    assert laid == list(tok.apply_chat_template(messages, tokenize=True)["input_ids"])[:-1]  # A/B alternate user/assistant
+    [(_, bare)] = tokenized(tok, [Dialogue("d", turns)], 4096, None)
+    assert tok.decode(bare[0]) == "Hi, I like tea."
+
+
+def test_eval_generation_continues_a_history_in_the_chat_layout(chat_model):
+    from pipeline.inference.chat_turns import TurnEncoder
+
+    _, tok, info = load_chat_model(chat_model)
+    history = ["Hi, I like tea.", "Me too!", "Green or black?"]
+    utterances, opening = TurnEncoder(tok, info.layout).continuation(history)
+    system, before = TurnEncoder(tok, info.layout).opening()
+    laid = [info.bos_token_id] + system + [info.eou_token_id]
+    laid += [t for u in before + utterances for t in list(u) + [info.eou_token_id]] + opening
+    messages = [{"role": r, "content": t} for r, t in zip(("user", "assistant", "user"), history)]
+    assert laid == list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+    assert TurnEncoder(tok, None).continuation(history)[1] == []
