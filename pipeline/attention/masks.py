@@ -93,7 +93,8 @@ def causal_same_doc(meta: dict) -> MaskMod:
 
 
 def dialogue_mask(meta: dict, params: MaskParams) -> MaskMod:
-    """Dialogue mask: BOS, every EoU, the previous utterance and the current one so far.
+    """Dialogue mask: every utt-0 key (BOS, and a pinned system turn), every EoU, the previous utterance and the
+    current one so far: ``utt(k) == 0  OR  eou(k)  OR  utt(q) - 1 <= utt(k) <= utt(q)``.
 
     ``[BOS] a a EoU b b EoU c c`` (utt 0 1 1 1 2 2 2 3 3)::
 
@@ -107,6 +108,20 @@ def dialogue_mask(meta: dict, params: MaskParams) -> MaskMod:
         E    1 1 1 1 1 1 1
         c    1 0 0 1 1 1 1 1
         c    1 0 0 1 1 1 1 1 1
+
+    A pinned system prompt (``data.pin_system``) shares utt 0 with BOS, so every later token sees all of it.
+    ``[BOS] s s EoU a EoU b EoU c`` (utt 0 0 0 0 1 1 2 2 3)::
+
+             B s s E a E b E c
+        B    1
+        s    1 1
+        s    1 1 1
+        E    1 1 1 1
+        a    1 1 1 1 1
+        E    1 1 1 1 1 1
+        b    1 1 1 1 1 1 1
+        E    1 1 1 1 1 1 1 1
+        c    1 1 1 1 0 1 1 1 1
     """
     check_params(params)
     utt, eou = meta[UTT_IDS], meta[EOU]
@@ -130,9 +145,10 @@ def causal_mask(meta: dict, params: MaskParams) -> MaskMod:
 
 def smr_mask(meta: dict, params: MaskParams) -> MaskMod:
     """Short-memory reconstruction: ``[BOS] (u_j EoU u_j' EoU)*``; blk = utt; odd blk = original, even = copy.
-    A token sees BOS and its own block; a copy also sees its original's EoU, so it must be rebuilt from it::
+    A token sees BOS (utt 0: the only utt-0 token of an SMR sample) and its own block; a copy also sees its
+    original's EoU, so it must be rebuilt from it::
 
-        k == first(q)  OR  blk(k) == blk(q)  OR  (copy(q) AND eou(k) AND blk(k) == blk(q) - 1)
+        utt(k) == 0  OR  blk(k) == blk(q)  OR  (copy(q) AND eou(k) AND blk(k) == blk(q) - 1)
 
     ``[BOS] a E a' E' b E`` (blk 0 1 1 2 2 3 3)::
 
@@ -158,7 +174,9 @@ def smr_mask(meta: dict, params: MaskParams) -> MaskMod:
 def lmr_mask(meta: dict, params: MaskParams) -> MaskMod:
     """Long-memory reactivation: ``[BOS] (query EoU response EoU)* + a repeated pair``; blk = pair index::
 
-        k == first(q)  OR  eou(k)  OR  utt(k) == utt(q)  OR  (response(q) AND k in its pair's query)
+        utt(k) == 0  OR  eou(k)  OR  utt(k) == utt(q)  OR  (response(q) AND k in its pair's query)
+
+    ``utt(k) == 0`` is BOS, plus a pinned system turn where the layout gives one utterance index 0.
 
     "k in its pair's query" is ``blk(k) == blk(q)``: inside a pair the query comes first, so with causality a
     query token already sees only its own utterance through it. The repeated pair sees only BOS, the history's

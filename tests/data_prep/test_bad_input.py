@@ -124,7 +124,8 @@ def _mixed_file(path, n: int) -> str:
 
 def test_read_and_validate_time_is_linear_in_the_input(tmp_path, tokenizer):
     """The step that meets bad input (scan, read, validate, tokenize, window, duplicate check), without the fixed
-    costs around it (tokenizer load, shard writing), timed at 1x and 4x the records: best of 3 each."""
+    costs around it (tokenizer load, shard writing), timed at 1x and 4x the records: best of 3 CPU times each (a
+    quadratic step would take 16x)."""
     from data_prep.engines.local import LocalEngine
     from data_prep.prep import collect
     from data_prep.progress import Progress
@@ -138,12 +139,12 @@ def test_read_and_validate_time_is_linear_in_the_input(tmp_path, tokenizer):
         src = _mixed_file(tmp_path / f"in{n}.jsonl", n)
         best = float("inf")
         for _ in range(3):
-            t = time.perf_counter()
+            t = time.process_time()  # CPU time: other jobs on a shared machine do not count
             pieces = collect(LocalEngine(cfg, tokenizer, "", ids).pieces([src], input_metas([src], cfg)), cfg,
                              Progress(enabled=False, desc="test"))
-            best = min(best, time.perf_counter() - t)
+            best = min(best, time.process_time() - t)
         assert pieces.num_rows == n and pieces.filter(pc.not_equal(pieces["error"], "")).num_rows == n // 10 + n // 25
         return best
 
     one, four = seconds(1000), seconds(4000)
-    assert 2.0 < four / one < 6.0, f"4x the records took {four / one:.1f}x the time (1x {one:.2f}s, 4x {four:.2f}s)"
+    assert 2.0 < four / one < 8.0, f"4x the records took {four / one:.1f}x the time (1x {one:.2f}s, 4x {four:.2f}s)"

@@ -1,5 +1,6 @@
 """The per-element reference every mask is tested against: method.md §2 written as loops over (q, k), with no
-code shared with the library's predicates."""
+code shared with the library's predicates. The sinks of the dialogue, SMR and LMR masks are the keys of utterance 0
+in q's dialogue: BOS, plus a pinned system turn when the layout gives it utterance index 0 (issue 11 item 3)."""
 
 from __future__ import annotations
 
@@ -13,28 +14,25 @@ COLUMNS = ("doc_ids", "utt_ids", "eou", "blk", "position_ids")
 def reference(kind: str, row: dict, params: MaskParams = MaskParams(), rand=None) -> torch.Tensor:
     doc, utt, eou, blk, pos = (row[c].tolist() for c in COLUMNS)
     T = len(doc)
-    first = {}
-    for i in range(T):
-        if utt[i] == 0:
-            first.setdefault(doc[i], i)  # the BOS of each dialogue
+    pinned = {(doc[i], i) for i in range(T) if utt[i] == 0}  # BOS (+ a pinned system turn) of each dialogue
     eou_of_block = {(doc[i], blk[i]): i for i in range(T) if eou[i]}
     m = torch.zeros(T, T, dtype=torch.bool)
     for q in range(T):
         for k in range(T):
             if not (k <= q and doc[k] == doc[q]):
                 continue
-            is_first = k == first.get(doc[q])
+            is_sink = (doc[q], k) in pinned
             if kind == "causal":
                 ok = True
             elif kind == "dialogue":
-                ok = is_first or eou[k] or utt[k] == utt[q] or utt[k] == utt[q] - 1
+                ok = is_sink or eou[k] or utt[k] == utt[q] or utt[k] == utt[q] - 1
             elif kind == "smr":
                 copy_q = blk[q] > 0 and blk[q] % 2 == 0
-                ok = is_first or blk[k] == blk[q] or (copy_q and k == eou_of_block.get((doc[q], blk[q] - 1)))
+                ok = is_sink or blk[k] == blk[q] or (copy_q and k == eou_of_block.get((doc[q], blk[q] - 1)))
             elif kind == "lmr":
                 response_q = utt[q] > 0 and utt[q] % 2 == 0  # query of pair p has utt 2p-1, its response 2p
                 in_its_query = blk[k] == blk[q] and utt[k] == utt[q] - 1
-                ok = is_first or eou[k] or utt[k] == utt[q] or (response_q and in_its_query)
+                ok = is_sink or eou[k] or utt[k] == utt[q] or (response_q and in_its_query)
             elif kind == "local":
                 ok = q - k < params.local_window
             elif kind == "streamingllm":
