@@ -1,8 +1,12 @@
-"""Slurm jobs survive the cluster (real slurmd): a torchrun job requeued mid-run (`scontrol requeue`), and one asked
-to stop by the signal Slurm sends before a time limit or a pre-emption (`--signal=B:USR1@N`; sent here with
-`scancel --signal=USR1 --batch`, which is what slurmctld does at that time), both resume by default and finish with
-final weights equal to those of an uninterrupted run. The test cluster sets cred_expire=10 so that a requeued job
-may start again after 10 s (Slurm's default: 120 s)."""
+"""Slurm jobs survive the cluster (real slurmd): a torchrun job requeued mid-run (`scontrol requeue`), and one stopped
+by its time limit (the script asks for `--signal=B:USR1@300`: slurmctld itself sends SIGUSR1 when 300 s of the time
+limit are left), both resume by default and finish with final weights equal to those of an uninterrupted run.
+
+The time-limited job is submitted with a long limit; once it has saved a checkpoint, the test
+shortens its limit (`scontrol update TimeLimit=`) so that under 300 s are left, and slurmctld's own time-limit check
+signals it. After the requeue the test gives the job its long limit back (a requeued job keeps its time limit, so
+the signal would otherwise come again a minute into the second start). The test cluster sets cred_expire=10 so that a
+requeued job may start again after 10 s (Slurm's default: 120 s)."""
 
 from __future__ import annotations
 
@@ -56,34 +60,64 @@ def when_checkpointed(out, job, slurm, timeout=300):
     raise TimeoutError(f"job {job} saved no checkpoint in {timeout} s")
 
 
-def test_requeued_and_signalled_jobs_resume_and_match_an_uninterrupted_run(slurm, shards, recipe, tmp_path):
+def _seconds(hms: str) -> int:
+    """Slurm's [D-]HH:MM:SS as seconds."""
+    days, _, hms = hms.rpartition("-")
+    h, m, sec = (int(x) for x in hms.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
+def shorten_time_limit(out, job, slurm, timeout=300) -> str:
+    """Once the job has saved a checkpoint, set its limit so that 240-300 s are left: under the script's
+    --signal=B:USR1@300, so Slurm signals it (at its next time-limit check, within 30 s), minutes before the hard
+    limit."""
+    tag = when_checkpointed(out, job, slurm, timeout)
+    run = _seconds(slurm.show_job(job)["RunTime"])
+    slurm.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={run // 60 + 5}"])
+    return tag
+
+
+def restore_time_limit(job, slurm, timeout=400) -> None:
+    """When the requeued job runs again, give it a long limit back (else: signalled again 60 s into its start)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = slurm.show_job(job)
+        if info["Restarts"] == "1" and info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"):
+            slurm.run(["scontrol", "update", f"JobId={job}", "TimeLimit=30"])
+            return
+        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "COMPLETING"), info
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job} was not requeued by its time limit within {timeout} s")
+
+
+def test_requeued_and_time_limited_jobs_resume_and_match_an_uninterrupted_run(slurm, shards, recipe, tmp_path):
     ref_out, ref_job, ref_log, t0 = start(slurm, shards, recipe, tmp_path, "reference")
     rq_out, rq_job, rq_log, _ = start(slurm, shards, recipe, tmp_path, "requeued")
-    sig_out, sig_job, sig_log, _ = start(slurm, shards, recipe, tmp_path, "signalled")
+    sig_out, sig_job, sig_log, _ = start(slurm, shards, recipe, tmp_path, "time-limited")
 
     rq_at = when_checkpointed(rq_out, rq_job, slurm)
     slurm.run(["scontrol", "requeue", rq_job])  # what an admin, or a pre-emption with PreemptMode=REQUEUE, does
-    sig_at = when_checkpointed(sig_out, sig_job, slurm)
-    slurm.run(["scancel", "--signal=USR1", "--batch", sig_job])  # what --signal=B:USR1@N does before the time limit
-    print(f"requeued after {rq_at}, signalled after {sig_at}")
+    sig_at = shorten_time_limit(sig_out, sig_job, slurm)  # slurmctld sends USR1 at its next time-limit check
+    print(f"requeued after {rq_at}, time limit shortened after {sig_at}")
+    restore_time_limit(sig_job, slurm)
 
     results = {}
-    for name, job, log in (("reference", ref_job, ref_log), ("requeued", rq_job, rq_log), ("signalled", sig_job, sig_log)):
+    for name, job, log in (("reference", ref_job, ref_log), ("requeued", rq_job, rq_log), ("time-limited", sig_job, sig_log)):
         info, text = finish(slurm, job, log, t0, timeout=600)
         assert_no_leftovers(slurm, job)
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{name}:\n{text[-6000:]}"
         results[name] = info, text
 
     assert results["reference"][0]["Restarts"] == "0"
-    for name in ("requeued", "signalled"):
+    for name in ("requeued", "time-limited"):
         info, text = results[name]
         assert info["Restarts"] == "1", (name, info)
         assert "(restart 0)" in text and "(restart 1)" in text and "resume 1" in text, f"{name}:\n{text[-6000:]}"
-    signalled = results["signalled"][1]
+    signalled = results["time-limited"][1]
     assert "SIGUSR1: asking the ranks to save" in signalled and "requeueing job" in signalled, signalled[-6000:]
     stopped = int(signalled.split("stopped after step ", 1)[1].split()[0])
     assert 0 < stopped < STEPS
-    # the second start continued from the step the signal stopped the first at (a save made for the stop)
+    # the second start continued from the step the time-limit signal stopped the first at (a save made for the stop)
     resumed = json.loads((sig_out / f"history-rank0-from{stopped}.json").read_text())
     assert [h["step"] for h in resumed] == list(range(stopped + 1, STEPS + 1))
     assert not (sig_out / ".stop-request").exists()
