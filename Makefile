@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# what a cluster user runs, on an embedded Ray: prep on Ray Data, memory + dialogue stages on Ray Train, export, chat
+# (the same recipe as a job: ray job submit --working-dir . -- python -m ray_jobs.run configs/quickstart.yaml --root $$PWD)
 quickstart: $(STAMP)
 	$(BIN)/convsink run configs/quickstart.yaml
 

@@ -88,7 +88,7 @@ class TrainConfig(Strict):
     stage: Literal[STAGES] = Field(DIALOGUE_STAGE, description="memory = SMR+LMR samples; dialogue = dialogue mask fine-tuning")
     nproc: int = Field(2, ge=1, description="processes (ranks) on this node")
     nnodes: int = Field(1, ge=1, description="nodes (multi-node launches set the rendezvous through the launcher's env)")
-    launcher: Literal["torchrun", "deepspeed"] = Field("torchrun", description="process launcher")
+    launcher: Literal["torchrun", "deepspeed", "ray"] = Field("torchrun", description="process launcher (ray = Ray Train workers, in the Ray session of `convsink run`)")
     micro_batch_size: int = Field(1, ge=1, description="sequences per rank per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     max_steps: int = Field(20, ge=1, description="optimizer steps")

@@ -137,7 +137,12 @@ def check_eval_data(cfg: RunConfig, manifest: dict) -> None:
 def launch_training(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, *,
                     rank_module: str = RANK_MODULE) -> dict:
     """Validate, prepare OUT, run the launcher (killed with its ranks after ``train.launch_timeout_s``), and return
-    OUT/result.json. ``rank_module``: what each rank runs (tests substitute a faulty one)."""
+    OUT/result.json. ``rank_module``: what each rank runs (tests substitute a faulty one). ``train.launcher=ray``
+    hands the run to ``ray_train`` (Ray Train workers; OUT/ray_result.json)."""
+    if cfg.train.launcher == "ray":
+        from pipeline.training.ray_train import ray_train
+
+        return ray_train(cfg, data_dir, out_dir, resume=resume)
     cfg_path = prepare_run_dir(cfg, data_dir, out_dir, resume)
     result_path = os.path.join(out_dir, "result.json")
     if os.path.exists(result_path):

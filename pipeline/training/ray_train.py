@@ -62,7 +62,7 @@ def ray_train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False,
     if n % cfg.train.sequence_parallel_size:
         raise ValueError(f"{n} workers are not divisible by train.sequence_parallel_size={cfg.train.sequence_parallel_size}")
     cfg_path = prepare_run_dir(cfg, data_dir, out_dir, resume, world_size=n)  # user errors stop here, before Ray starts
-    ray = ensure_ray(temp_tag="ct")
+    ray = ensure_ray(temp_tag="ct", dashboard=True)
     import torch
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig

@@ -23,6 +23,7 @@ import pytest
 
 from data_prep.config import DataConfig
 from data_prep.prep import prepare
+from pipeline.contract import DIALOGUE_STAGE, MEMORY_STAGE
 from pipeline.evaluation.memory_probe import task_accuracy
 from pipeline.training.tracking import find_offline_runs, read_offline_run
 
@@ -105,13 +106,64 @@ chat: {{max_new_tokens: 4}}
     assert acc["dialogues alone", True] <= acc["dialogues alone", False] + 0.03, "no memory path without the memory stage"
 
 
+# the shipped quickstart, shortened by overrides only (a few steps, fewer dialogues and memory samples)
+QUICKSTART_SHORT = ["train.memory_steps=2", "train.max_steps=2", "train.warmup_steps=1", "train.save_every=2",
+                    "data.max_dialogues=40", "data.smr.samples=8", "data.lmr.samples=8", "chat.max_new_tokens=4"]
+STAGE_ORDER = ["prep", MEMORY_STAGE, DIALOGUE_STAGE, "export", "chat"]
+
+
+def _section(lines: list[str], title: str) -> list[str]:
+    """The indented lines under ``title`` (Ray workers' late output, which has no indent, may come between them)."""
+    rest = lines[lines.index(title) + 1:]
+    end = next((i for i, ln in enumerate(rest) if ln and not ln.startswith("  ") and not ln.startswith("\x1b")), len(rest))
+    return [ln for ln in rest[:end] if ln.startswith("  ")]
+
+
+def check_quickstart_run(out, stdout: str) -> None:
+    """What a quickstart run into ``out`` must have done, in order, read from its printout and its files: prep on Ray
+    (smr/lmr/dialogue shards), the memory stage then the dialogue stage on Ray Train, each with a checkpoint and a W&B
+    run of its task losses, an export plain transformers loads, one chat reply; the where-is and per-stage-time lines."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.contract import DIALOGUE, LMR, MASK_KIND, SMR
+    from pipeline.training.checkpoint import checkpoint_root, latest_tag
+
+    lines = stdout.splitlines()
+    starts = [next((i for i, ln in enumerate(lines) if ln.startswith(f"[{s}]")), None) for s in STAGE_ORDER]
+    assert None not in starts and starts == sorted(starts), f"stages out of order or missing: {dict(zip(STAGE_ORDER, starts))}"
+    times = [ln.split() for ln in _section(lines, "stage times:")]
+    assert [t[0] for t in times] == STAGE_ORDER and all(float(t[1]) > 0 and t[2] == "s" for t in times), times
+    where = dict(ln.strip().split(": ", 1) for ln in _section(lines, "done. where everything is:"))
+
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert where["shards"] == str(out / "data") and json.loads((out / "data" / "run.json").read_text())["engine"] == "ray", where
+    assert {k for sh in manifest["shards"] for k in sh[MASK_KIND]} == {SMR, LMR, DIALOGUE}
+    assert all((out / "data" / sh["file"]).is_file() for sh in manifest["shards"])
+
+    for stage, run_dir, tasks in ((MEMORY_STAGE, "train-memory", {"loss/smr", "loss/lmr"}), (DIALOGUE_STAGE, "train", {"loss/dialogue"})):
+        root = checkpoint_root(str(out / run_dir))
+        assert where[f"{stage} checkpoint"] == os.path.join(root, latest_tag(root)) == os.path.join(root, "step000002")
+        ray_result = json.loads((out / run_dir / "ray_result.json").read_text())  # written by the Ray Train launcher only
+        assert ray_result["ray_checkpoint"].startswith(str(out / run_dir / "ray") + os.sep), ray_result
+        wandb_dir = where[f"{stage} W&B run (offline)"]
+        assert [wandb_dir] == find_offline_runs(str(out / run_dir)), wandb_dir
+        history = read_offline_run(wandb_dir)["history"]
+        logged = set().union(*(r.keys() for r in history))
+        assert tasks <= logged and not ({"loss/smr", "loss/lmr", "loss/dialogue"} - tasks) & logged, (stage, logged)
+    assert json.loads((out / "train" / "config.json").read_text())["train"]["init_from"] == str(out / "export-memory")
+
+    assert where["exported model"] == str(out / "export")
+    model = AutoModelForCausalLM.from_pretrained(str(out / "export"))
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+    chat = lines[next(i for i, ln in enumerate(lines) if ln.startswith("user: ")):lines.index("done. where everything is:")]
+    assert sum(ln.startswith("model: ") for ln in chat) == 1, chat  # the streamed reply (Ray's lines may come between)
+
+
 def test_quickstart_recipe_runs_as_shipped(tmp_path):
     """configs/quickstart.yaml as `make quickstart` runs it (relative ../shared/data inputs, from the repository root),
-    shortened by overrides only: it ends by printing where the exported model and the W&B run are."""
+    shortened by overrides only: prep on Ray, memory then dialogue stage on Ray Train in one embedded Ray session,
+    export, a chat reply; it ends by printing where everything is and each stage's time."""
     out = tmp_path / "quickstart"
-    proc = convsink("run", "configs/quickstart.yaml", f"out_dir={out}", "train.max_steps=4", "train.warmup_steps=1",
-                    "data.max_dialogues=40", "chat.max_new_tokens=4")
-    tail = proc.stdout.strip().splitlines()[-2:]
-    assert tail[0] == f"done. exported model: {out / 'export'}", tail
-    assert tail[1].strip().startswith("W&B run (offline):") and os.path.isdir(tail[1].split(": ", 1)[1]), tail
-    assert (out / "export" / "model.safetensors").is_file() and (out / "export" / "convsink.json").is_file()
+    proc = convsink("run", "configs/quickstart.yaml", f"out_dir={out}", *QUICKSTART_SHORT, timeout=600)
+    check_quickstart_run(out, proc.stdout)
+    assert (proc.stdout + proc.stderr).count("Started a local Ray instance") == 1, "one embedded Ray for every stage"
