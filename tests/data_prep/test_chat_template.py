@@ -14,40 +14,19 @@ from data_prep.prep import prepare
 from data_prep.reader import keep_or_reject
 from data_prep.schema import DataError, Dialogue, Turn
 from data_prep.tokenizer_loading import layout_ids
+from tests.chat_tokenizers import llama3_tokenizer, mistral_tokenizer
 
-LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
-          "+ message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-          "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-           "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == "
-           "'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles "
-           "are supported!') }}{% endif %}{% endfor %}")
 SYSTEM_CHAT = (("system", "You answer briefly."), ("user", "Hello there, how are you?"), ("assistant", "Fine, thanks!"),
                ("user", "What is 2+2?"), ("assistant", "It is 4."))
 PAIRS_CHAT = SYSTEM_CHAT[1:]
-
-
-def _local_tokenizer(base_dir: str, out: str, specials: list[str], bos: str, eos: str, template: str) -> str:
-    """A local tokenizer folder: SmolLM2's BPE plus another template style's special tokens and jinja template."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    tok.add_special_tokens({"additional_special_tokens": specials})
-    tok.bos_token, tok.eos_token, tok.pad_token = bos, eos, eos
-    tok.chat_template = template
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
 def styles(tokenizer_dir, tmp_path_factory):
     """style -> (tokenizer folder, messages it can render, template text after the last end-of-turn token)."""
     root = tmp_path_factory.mktemp("toks")
-    llama3 = _local_tokenizer(tokenizer_dir, str(root / "llama3"), ["<|begin_of_text|>", "<|start_header_id|>",
-                              "<|end_header_id|>", "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", LLAMA3)
-    mistral = _local_tokenizer(tokenizer_dir, str(root / "mistral"), ["<s>", "</s>"], "<s>", "</s>", MISTRAL)
+    llama3 = llama3_tokenizer(tokenizer_dir, str(root / "llama3"))
+    mistral = mistral_tokenizer(tokenizer_dir, str(root / "mistral"))
     return {"chatml": (tokenizer_dir, SYSTEM_CHAT, "\n"), "llama3": (llama3, SYSTEM_CHAT, ""),
             "mistral": (mistral, PAIRS_CHAT, "")}
 
