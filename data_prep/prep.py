@@ -164,12 +164,15 @@ def _count(pieces: pa.Table, metas: list[dict]) -> tuple[dict, list[dict]]:
     windows = int(kept.sum())
     tokens_out = int(lengths[kept].sum())
     codes = pieces["code"].to_numpy(zero_copy_only=False)[rejected]
+    split = int((kept & first & (n_windows > 1)).sum())
     counts = {
         "records": int(first.sum()),
         "dialogues": dialogues,
         "rejected": int(rejected.sum()),
         "rejected_by_reason": {c: int((codes == c).sum()) for c in sorted(set(codes.tolist()))},
-        "split_dialogues": int((kept & first & (n_windows > 1)).sum()),
+        "split_dialogues": split,
+        "dialogues_split": split,  # the same number under the issue's name (split_dialogues kept for readers of it)
+        "dialogue_tokens": length_distribution(_dialogue_tokens(lengths[kept], first[kept])),
         "windows": windows,
         "utterances": int(pieces["utterances"].to_numpy()[kept].sum()),
         "tokens_in": tokens_out - (windows - dialogues),
@@ -184,6 +187,25 @@ def _count(pieces: pa.Table, metas: list[dict]) -> tuple[dict, list[dict]]:
             "records": int((mine & first).sum()), "kept": int((mine & first & kept).sum()),
             "rejected": int((mine & rejected).sum()), "tokens_out": int(lengths[mine & kept].sum())})
     return counts, per_input
+
+
+def _dialogue_tokens(window_lengths: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Whole-dialogue token counts (``[BOS] u1 EoU ... un EoU``) from its windows' lengths (one BOS per extra window)."""
+    if not len(window_lengths):
+        return np.zeros(0, np.int64)
+    dialogue = np.cumsum(first) - 1
+    return np.bincount(dialogue, weights=window_lengths - 1).astype(np.int64) + 1
+
+
+def length_distribution(lengths: np.ndarray) -> dict:
+    """min, nearest-rank p50/p90/p99, max, and a histogram {"<=2^k": count of lengths in (2^(k-1), 2^k]}."""
+    if not len(lengths):
+        return {}
+    s = np.sort(lengths)
+    ranks = {f"p{q}": int(s[int(np.ceil(q / 100 * len(s))) - 1]) for q in (50, 90, 99)}
+    buckets = np.maximum(s - 1, 0)
+    keys, n = np.unique([1 << int(b).bit_length() for b in buckets], return_counts=True)
+    return {"min": int(s[0]), **ranks, "max": int(s[-1]), "histogram": {f"<={k}": int(c) for k, c in zip(keys, n)}}
 
 
 def supervised_by_role(pieces: pa.Table) -> dict:
@@ -363,4 +385,8 @@ def _prepare_into(paths, metas, tmp, cfg: DataConfig, tokenizer, ids, fp, digest
         print(f"prep: {counts['records']:,} records ({counts['rejected']:,} rejected), {counts['tokens_out']:,} tokens in "
               f"{elapsed:.1f}s ({timing['tokens_per_s']:,.0f} tokens/s, {timing['records_per_s']:,.0f} records/s, "
               f"engine {cfg.engine})", flush=True)
+        dist = counts["dialogue_tokens"]
+        print(f"prep: dialogue tokens min {dist['min']:,} p50 {dist['p50']:,} p90 {dist['p90']:,} p99 {dist['p99']:,} "
+              f"max {dist['max']:,}; {counts['dialogues_split']:,} of {counts['dialogues']:,} dialogues split "
+              f"(seq_len {cfg.seq_len:,}) into {counts['windows']:,} windows", flush=True)
     return manifest
