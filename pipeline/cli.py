@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from data_prep.adapters import FORMATS as INPUT_FORMATS
 from pipeline.config import OVERRIDE, split_overrides
 from pipeline.contract import CACHE_POLICIES, DIALOGUE, DIALOGUE_ROW_MASKS, STAGES
 
@@ -33,7 +34,7 @@ def cmd_prep(args) -> int:
     if args.workers:
         overrides.append(f"data.workers={args.workers}")
     cfg = load_config(args.config, overrides)
-    manifest = prepare(args.inputs, args.out, cfg.data)
+    manifest = prepare(args.inputs, args.out, cfg.data, overwrite=args.overwrite)
     c = manifest["counts"]
     print(f"prep: {c['dialogues']} dialogues, {c['utterances']} utterances, {c['tokens_out']} tokens in "
           f"{c['sequences']} sequences (packing efficiency {c['packing_efficiency']:.2%}, {c['rejected']} rejected) -> {args.out}")
@@ -133,6 +134,19 @@ def cmd_bench_inference(args) -> int:
     return 0
 
 
+def cmd_bench_memory(args) -> int:
+    from pipeline.bench.memory import CONFIGS, bench_memory, format_tables
+
+    r = bench_memory(args.model, args.out, seq_lens=args.seq_lens, configs=tuple(args.configs or CONFIGS),
+                     cap_gb=args.cap_gb, loss_chunk=args.loss_chunk, steps=args.steps, threads=args.threads,
+                     resume=args.resume, max_seq_len=args.max_seq_len)
+    print(format_tables(r))
+    for config, s in r["summary"].items():
+        print(f"{config}: longest T that fit {s['longest_T_fit']}, first that did not {s['first_T_not_fit']}")
+    print(f"bench: wrote {args.out} and {os.path.splitext(args.out)[0]}.png")
+    return 0
+
+
 def _bench_parser(sub) -> argparse._SubParsersAction:
     """``convsink bench <what>``: benchmarks that write JSON (siblings: attention, prep, inference)."""
     bench = sub.add_parser("bench", help="benchmarks (write JSON)")
@@ -166,6 +180,18 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--repeats", type=int, default=5, help="timed replies per point (the median is reported)")
     s.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 suits a tiny model)")
     s.set_defaults(fn=cmd_bench_inference)
+    s = inner.add_parser("memory", help="one training step per configuration: peak memory, step time, tokens/s vs T")
+    s.add_argument("--model", required=True, help="smollm2, tiny or a model folder (its architecture, random init)")
+    s.add_argument("--out", required=True, help="JSON output (a PNG plot is written next to it)")
+    s.add_argument("--seq-lens", type=int, nargs="+", help="lengths (default: doubling from 2048 to --max-seq-len)")
+    s.add_argument("--max-seq-len", type=int, default=131072, help="longest default length")
+    s.add_argument("--configs", nargs="+", help="configurations (default: all of pipeline.bench.memory.CONFIGS)")
+    s.add_argument("--cap-gb", type=float, default=20.0, help="memory cap per point (RSS, GB)")
+    s.add_argument("--loss-chunk", type=int, default=1024, help="tokens per tiled-loss chunk")
+    s.add_argument("--steps", type=int, default=1, help="training steps per point (the last one is timed)")
+    s.add_argument("--threads", type=int, help="torch threads per point (default: torch's)")
+    s.add_argument("--resume", action="store_true", help="keep the points already in --out and run the rest")
+    s.set_defaults(fn=cmd_bench_memory)
     return inner
 
 
@@ -222,9 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
                    + _overrides_help())
     s.add_argument("--out", required=True, help="output shard folder")
     s.add_argument("--config", help="YAML recipe (its data: section is used)")
-    s.add_argument("--format", choices=["auto", "canonical", "personachat", "msc", "messages"], help="input format (default auto)")
+    s.add_argument("--format", choices=["auto", *INPUT_FORMATS], help="input format (default auto)")
     s.add_argument("--engine", choices=["ray", "local"], help="ray = Ray Data pipeline (default), local = single-process reference loop")
     s.add_argument("--workers", type=int, help="Ray workers (default: all CPUs)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an --out that holds shards of another fingerprint (default: refuse; it may be in use)")
     s.set_defaults(fn=cmd_prep, overrides=[])
 
     s = sub.add_parser("train", help="DeepSpeed ZeRO-3 training on prepared shards")
@@ -274,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("inputs", nargs="+", help="dialogue files (any input format)")
     s.add_argument("--out", required=True, help="output tokenizer folder (then data.tokenizer=FOLDER)")
     s.add_argument("--vocab-size", type=int, default=2048, help="vocabulary size, <bos> <eos> <pad> included")
-    s.add_argument("--format", default="auto", choices=["auto", "canonical", "personachat", "msc", "messages"], help="input format")
+    s.add_argument("--format", default="auto", choices=["auto", *INPUT_FORMATS], help="input format")
     s.set_defaults(fn=cmd_tokenizer)
 
     s = sub.add_parser("run", help="prep → train → export → one chat reply, from one recipe")

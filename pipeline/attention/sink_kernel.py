@@ -150,7 +150,9 @@ def row_plan(kind: str, row: dict, params: MaskParams, chunk: int = CHUNK) -> li
         q1 = min(T, q0 + chunk)
         lo = int(start[q0:q1].min())
         extra = sinks[:int(torch.searchsorted(sinks, lo))]
-        extra = extra[torch.isin(doc[extra], doc[q0:q1])]
+        d = doc[q0:q1]
+        one_doc = bool((d == d[0]).all())  # the usual chunk: a compare instead of isin's sort
+        extra = extra[doc[extra] == d[0]] if one_doc else extra[torch.isin(doc[extra], d)]
         if rand is not None:
             r = rand[0, q0:q1].flatten()
             extra = torch.unique(torch.cat([extra, r[(r >= 0) & (r < lo)]]))
@@ -169,7 +171,8 @@ class SinkAttention:
 
     Per row, the keys of all chunks are gathered with ONE index_select and queries are cut with ``split``, so
     the backward pass scatters into each input once (slicing per chunk would allocate a full-size zero gradient
-    per chunk: quadratic in T). SDPA gets 4-D inputs so PyTorch's fused CPU kernel runs, with the bool mask."""
+    per chunk: quadratic in T). SDPA gets 4-D inputs so PyTorch's fused CPU kernel runs, with the mask as 0 / -inf
+    (converted once per batch and dtype, not by SDPA on every layer's call)."""
 
     def __init__(self, batch: dict, params: MaskParams = MaskParams(), chunk: int = CHUNK):
         meta = batch_meta(batch, params)
@@ -178,20 +181,30 @@ class SinkAttention:
         self.q_sizes = [[q1 - q0 for q0, q1, _, _ in plan] for plan in self.plans]
         self.k_sizes = [[keys.numel() for _, _, keys, _ in plan] for plan in self.plans]
         self.masks = [[m[None, None] for *_, m in plan] for plan in self.plans]  # (1, 1, C, K) each
+        self._additive: dict[torch.dtype, list[list[torch.Tensor]]] = {}
         T = meta[DOC_IDS].shape[1]
         self.keys_computed = sum(int(m.numel()) for plan in self.plans for *_, m in plan)
         self.keys_dense = len(self.plans) * T * T
 
+    def additive_masks(self, dtype: torch.dtype) -> list[list[torch.Tensor]]:
+        """The masks as ``0 / -inf`` of ``dtype``, built once per batch and dtype: SDPA would otherwise convert the
+        bool mask on every call (every layer, and again in each checkpointed layer's recompute)."""
+        if dtype not in self._additive:
+            self._additive[dtype] = [[torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+                                      for m in row] for row in self.masks]
+        return self._additive[dtype]
+
     def __call__(self, query, key, value, scaling):
         # query (B, H, T, D); key/value (B, Hkv, T, D) → (B, H, T, D)
         gqa = key.shape[1] != query.shape[1]
+        masks = self.additive_masks(query.dtype)
         rows = []
         for b, (qb, kb, vb) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):
             k_all = kb.index_select(1, self.gather[b])  # (Hkv, sum K, D)
             v_all = vb.index_select(1, self.gather[b])
             outs = [F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=m, scale=scaling, enable_gqa=gqa).squeeze(0)
                     for q, k, v, m in zip(qb.split(self.q_sizes[b], 1), k_all.split(self.k_sizes[b], 1),
-                                          v_all.split(self.k_sizes[b], 1), self.masks[b])]  # (H, C, D) each
+                                          v_all.split(self.k_sizes[b], 1), masks[b])]  # (H, C, D) each
             rows.append(torch.cat(outs, dim=1))  # (H, T, D)
         return torch.stack(rows)  # (B, H, T, D)
 
