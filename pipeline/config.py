@@ -190,6 +190,17 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return [i for i in items if not OVERRIDE.match(i)], [i for i in items if OVERRIDE.match(i)]
 
 
+def parse_args_with_overrides(parser, argv: list[str] | None):
+    """``parser.parse_known_args`` where ``key=value`` overrides may also follow the options (appended to
+    ``args.overrides``); any other unknown word is a usage error."""
+    args, extra = parser.parse_known_args(argv)
+    for item in extra:
+        if not OVERRIDE.match(item):
+            parser.error(f"unrecognized argument: {item}")
+        args.overrides.append(item)
+    return args
+
+
 def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"command line: override {text!r} is not key=value")

@@ -29,16 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.cli import USER_ERRORS
-    from pipeline.config import OVERRIDE, load_config
+    from pipeline.config import load_config, parse_args_with_overrides
     from pipeline.training.launch import TrainingFailed
     from pipeline.training.two_stage import run_recipe
 
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    for item in extra:  # overrides may follow options
-        if not OVERRIDE.match(item):
-            parser.error(f"unrecognized argument: {item}")
-        args.overrides.append(item)
+    args = parse_args_with_overrides(build_parser(), argv)  # overrides may follow options
     try:
         if args.root:
             if not os.path.isdir(args.root):

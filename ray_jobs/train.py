@@ -34,16 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.cli import USER_ERRORS, train_overrides
-    from pipeline.config import OVERRIDE, load_config
+    from pipeline.config import load_config, parse_args_with_overrides
     from pipeline.training.launch import TrainingFailed
     from pipeline.training.ray_train import ray_train
 
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    for item in extra:  # overrides may follow options
-        if not OVERRIDE.match(item):
-            parser.error(f"unrecognized argument: {item}")
-        args.overrides.append(item)
+    args = parse_args_with_overrides(build_parser(), argv)  # overrides may follow options
     try:
         cfg = load_config(args.config, train_overrides(args))
         result = ray_train(cfg, args.data, args.out, resume=args.resume, num_workers=args.num_workers,
