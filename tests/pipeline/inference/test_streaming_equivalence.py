@@ -12,21 +12,11 @@ import torch
 
 from data_prep.adapters import iter_dialogues
 from data_prep.layout import layout_dialogue
-from data_prep.tokenizer_loading import SpecialIds, prepare_tokenizer
+from data_prep.tokenizer_loading import SpecialIds
 from pipeline.attention.masks import dense_mask
 from pipeline.attention.registry import DenseMaskAttention
-from pipeline.config import ModelConfig
 from pipeline.inference.conversation import Conversation
-from pipeline.modeling.loader import build_model
 from tests.repo import REPO
-
-
-@pytest.fixture(scope="module")
-def model_and_ids(tokenizer):
-    torch.manual_seed(0)
-    ids = prepare_tokenizer(tokenizer)
-    model = build_model(ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2), len(tokenizer), ids).eval()
-    return model, ids
 
 
 @pytest.fixture(scope="module")
