@@ -33,8 +33,9 @@ quickstart: $(STAMP)
 slurm:
 	DEBIAN_FRONTEND=noninteractive scripts/install-slurm.sh </dev/null
 
+# two workers: the slow (multi-process) tests one at a time on one, the in-process tests on the other (tests/conftest.py)
 test: $(STAMP) slurm
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests

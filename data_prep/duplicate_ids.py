@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_prep.contract import INPUT_IDS
 from data_prep.items import PieceBuilder
+from data_prep.piece_store import concat_pieces, piece_lengths
 from data_prep.schema import DataError
 from data_prep.sources import display_name
 
@@ -44,7 +44,7 @@ def _as_rejections(table: pa.Table, repeats: dict) -> pa.Table:
     rejected row carrying the record's token count, still in input order."""
     fi = table["file_index"].to_numpy()
     ordinal = table["ordinal"].to_numpy()
-    lengths = pc.list_value_length(table[INPUT_IDS]).to_numpy(zero_copy_only=False)
+    lengths = piece_lengths(table)  # full or lean pieces
     hit = np.array([(int(f), int(o)) in repeats for f, o in zip(fi, ordinal)], dtype=bool)
     rejected = PieceBuilder()
     for (f, o), err in repeats.items():
@@ -52,5 +52,5 @@ def _as_rejections(table: pa.Table, repeats: dict) -> pa.Table:
         tokens = int(lengths[mine].sum()) - (int(mine.sum()) - 1)  # one BOS per extra window is not the record's
         rejected.reject(f, o, err, tokens=tokens)
     kept = table.filter(pa.array(~hit))
-    return pa.concat_tables([kept, rejected.table()]).sort_by(
+    return concat_pieces([kept, rejected.table()]).sort_by(
         [("file_index", "ascending"), ("ordinal", "ascending"), ("window", "ascending")])

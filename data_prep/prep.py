@@ -31,6 +31,7 @@ from data_prep.items import ITEM_SCHEMA
 from data_prep.memory_tasks import Corpus, build_lmr, build_smr, lmr_ineligible, smr_plan
 from data_prep.packing import pack_bins
 from data_prep.paths import folder_written_atomically
+from data_prep.piece_store import StoredItems, concat_pieces, dialogue_items, item_lengths, piece_lengths, resolve_items
 from data_prep.progress import Progress
 from data_prep.reader import input_metas
 from data_prep.schema import DataError
@@ -123,10 +124,6 @@ def make_engine(cfg: DataConfig, tokenizer, tokenizer_dir: str, ids):
 # ---------------------------------------------------------------------------------------------- collection
 
 
-def _piece_tokens(table: pa.Table) -> int:
-    return int(pc.sum(pc.list_value_length(table[INPUT_IDS])).as_py() or 0)
-
-
 def collect(stream, cfg: DataConfig, bar: Progress) -> pa.Table:
     """All pieces, in input order, a repeated dialogue id of a file rejected. In ``error`` mode the first bad
     record (in input order) raises."""
@@ -142,12 +139,12 @@ def collect(stream, cfg: DataConfig, bar: Progress) -> pa.Table:
                 line = int(row["line"]) if row["line"].isdigit() else row["line"]
                 raise DataError(row["source"], line, row["error"], row["code"])
         tables.append(table)
-        bar.update(int(pc.sum(pc.equal(table["window"], 0)).as_py() or 0), _piece_tokens(table))
+        bar.update(int(pc.sum(pc.equal(table["window"], 0)).as_py() or 0), int(piece_lengths(table).sum()))
     if not tables:
         from data_prep.items import PIECE_SCHEMA
 
         return PIECE_SCHEMA.empty_table()
-    return pa.concat_tables(tables)
+    return concat_pieces(tables)
 
 
 def _count(pieces: pa.Table, metas: list[dict]) -> tuple[dict, list[dict]]:
@@ -157,7 +154,7 @@ def _count(pieces: pa.Table, metas: list[dict]) -> tuple[dict, list[dict]]:
     kept = ~rejected
     window = pieces["window"].to_numpy()
     first = window == 0
-    lengths = pc.list_value_length(pieces[INPUT_IDS]).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = piece_lengths(pieces)
     fi = pieces["file_index"].to_numpy()
     n_windows = pieces["windows"].to_numpy()
     dialogues = int((kept & first).sum())
@@ -258,9 +255,9 @@ def _memory_job(job, corpus: Corpus, cfg: dict, ids, seq_len: int, seed: int, pl
     return build_lmr(corpus, conf.lmr, ids, seq_len, seed, start, stop)
 
 
-def _shard_job(job, seq_len: int, pad_id: int):
+def _shard_job(job, seq_len: int, pad_id: int, refs=None):
     name, items, row_of_item = job
-    data, entry = encode_shard(name, items, row_of_item, seq_len, pad_id)
+    data, entry = encode_shard(name, resolve_items(items, refs), row_of_item, seq_len, pad_id)
     return name, data, entry
 
 
@@ -271,7 +268,7 @@ def _memory_items(engine, items: pa.Table, window: np.ndarray, cfg: DataConfig, 
     out, stats = {}, {}
     if cfg.smr.samples == 0 and cfg.lmr.samples == 0:
         return out, stats
-    corpus = corpus_of(items, window)
+    corpus = corpus_of(items.materialize() if isinstance(items, StoredItems) else items, window)
     plan = smr_plan(corpus, cfg.seq_len, cfg.smr.max_utterance_tokens)
     stats.update(memory_pool_dialogues=corpus.num_dialogues, smr_long_utterances=plan["long_utterances"],
                  lmr_ineligible_dialogues=lmr_ineligible(corpus))
@@ -289,8 +286,8 @@ def _memory_items(engine, items: pa.Table, window: np.ndarray, cfg: DataConfig, 
     return out, stats
 
 
-def _shard_jobs(kind: str, items: pa.Table, cfg: DataConfig) -> tuple[list, dict]:
-    lengths = pc.list_value_length(items[INPUT_IDS]).to_numpy(zero_copy_only=False).tolist()
+def _shard_jobs(kind: str, items, cfg: DataConfig) -> tuple[list, dict]:
+    lengths = item_lengths(items)
     bins = pack_bins(lengths, cfg.seq_len, cfg.packing, items["dialogue_id"].to_pylist())
     jobs = []
     for k in range(0, len(bins), cfg.shard_rows):
@@ -329,7 +326,7 @@ def _prepare_into(paths, metas, tmp, cfg: DataConfig, tokenizer, ids, fp, digest
 
     kept = pieces.filter(pc.equal(pieces["error"], ""))
     window = kept["window"].to_numpy()
-    items = {DIALOGUE: kept.select(ITEM_SCHEMA.names).cast(ITEM_SCHEMA)}
+    items = {DIALOGUE: dialogue_items(kept, getattr(engine, "item_refs", None))}
     t1 = time.perf_counter()
     memory, memory_stats = _memory_items(engine, items[DIALOGUE], window, cfg, ids)
     items.update(memory)
@@ -344,7 +341,8 @@ def _prepare_into(paths, metas, tmp, cfg: DataConfig, tokenizer, ids, fp, digest
             jobs += kind_jobs
     timing["plan_seconds"] = round(time.perf_counter() - t2, 3)
     t3 = time.perf_counter()
-    for name, data, entry in engine.map(_shard_job, jobs, seq_len=cfg.seq_len, pad_id=ids.pad):
+    for name, data, entry in engine.map(_shard_job, jobs, seq_len=cfg.seq_len, pad_id=ids.pad,
+                                        refs=getattr(engine, "item_refs", None)):
         with open(os.path.join(tmp, name), "wb") as f:
             f.write(data)
         shards.append(entry)

@@ -11,6 +11,7 @@ import os
 import sys
 
 from data_prep.adapters import FORMATS as INPUT_FORMATS
+from data_prep.scaled_corpus import DEFAULT_COPIES as DEFAULT_SCALE_COPIES
 from pipeline.config import OVERRIDE, split_overrides
 from pipeline.contract import CACHE_POLICIES, DIALOGUE, DIALOGUE_ROW_MASKS, STAGES
 
@@ -107,14 +108,38 @@ def cmd_bench_attention(args) -> int:
 
 
 def cmd_bench_prep(args) -> int:
+    if args.scale is not None:
+        return cmd_bench_prep_scale(args)
     from pipeline.bench.prep import bench_prep
 
+    args.out = args.out or "bench/prep_cpu.json"
     r = bench_prep(args.out, workers=args.workers)
     for name, e in r["engines"].items():
         print(f"{name:>10}: {e['tokens_per_s']:,.0f} tokens/s ({e['seconds']:.1f} s)")
     print(f"ray / single process: {r['ray_speedup_vs_single_process']:.2f}x")
     for seq_len, p in r["packing"].items():
         print(f"packing efficiency at {seq_len}: {p['packing_efficiency']:.2%}")
+    print(f"bench: wrote {args.out}")
+    return 0
+
+
+def cmd_bench_prep_scale(args) -> int:
+    import shlex
+
+    from pipeline.bench.prep_scale import bench_prep_scale
+
+    args.out = args.out or "bench/prep_scale_cpu.json"
+    r = bench_prep_scale(args.out, scale=args.scale, corpus_dir=args.corpus_dir, workers=args.workers or 2,
+                         command=shlex.join(["convsink", *sys.argv[1:]]))
+    for name, e in r["engines"].items():
+        print(f"{name:>13}: {e['tokens_per_s']:,.0f} tokens/s ({e['pipeline_seconds']:.1f} s + Ray start "
+              f"{e['ray_init_seconds']:.1f} s), driver peak RSS {e['driver_peak_rss_mb']:,.0f} MB")
+    print(f"corpus {r['corpus']['mb']:,.0f} MB, effective cores {r['effective_cores']:.2f}: Ray / single process "
+          f"{r['ray_speedup_vs_single_process']:.2f}x, efficiency {r['efficiency']:.0%} (target {r['target_efficiency']:.0%})")
+    m = r["driver_memory"]
+    if "driver_rss_mb_per_100mb_corpus" in m:
+        print(f"Ray driver peak RSS: {m['driver_rss_mb_per_100mb_corpus']} MB per 100 MB of corpus "
+              f"(x{m['driver_rss_ratio_largest_to_smallest']} for x{m['corpus_ratio_largest_to_smallest']} the corpus)")
     print(f"bench: wrote {args.out}")
     return 0
 
@@ -162,9 +187,14 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--layout", choices=["conversation", "packed"], default="conversation",
                    help="conversation = one MSC-shaped conversation of T tokens; packed = real MSC episodes packed into T (as in training)")
     s.set_defaults(fn=cmd_bench_attention)
-    s = inner.add_parser("prep", help="Ray pipeline vs single-process loop (tokens/s); packing efficiency at 2048/8192")
-    s.add_argument("--out", required=True, help="JSON output file")
-    s.add_argument("--workers", type=int, help="Ray workers (default: all CPUs)")
+    s = inner.add_parser("prep", help="Ray pipeline vs single-process loop (tokens/s); packing efficiency at 2048/8192; "
+                         "--scale N: at corpus scale")
+    s.add_argument("--out", help="JSON output file (default: bench/prep_cpu.json, with --scale bench/prep_scale_cpu.json)")
+    s.add_argument("--workers", type=int, help="Ray workers (default: all CPUs; with --scale 2)")
+    s.add_argument("--scale", type=int, nargs="?", const=DEFAULT_SCALE_COPIES, metavar="N",
+                   help=f"prep N copies of the shipped dialogues with fresh ids (--scale alone: {DEFAULT_SCALE_COPIES}, "
+                        "211 MB of JSON lines), local vs Ray in their own processes, driver memory at N/4, N/2, N")
+    s.add_argument("--corpus-dir", help="with --scale: generate the corpus here and keep it (reused when it matches)")
     s.set_defaults(fn=cmd_bench_prep)
     s = inner.add_parser("inference", help="K/V bytes and per-token decode latency per cache policy vs utterances")
     s.add_argument("--model", required=True, help="exported model folder (or tiny / smollm2)")

@@ -17,6 +17,22 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+# slow tests that run one at a time on one xdist worker: DeepSpeed launches, Ray clusters and Slurm jobs (2-rank runs
+# that would only slow each other down, and jobs with time limits or kill points)
+SERIAL = ("tests/slurm/", "tests/ray_jobs/", "tests/pipeline/training/", "tests/pipeline/modeling/",
+          "tests/pipeline/test_secrets.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs two pytest-xdist workers with ``--dist loadgroup``: the slow tests under ``SERIAL`` form one
+    group, run in file order on one worker; every other test (the in-process ones, and the slow Ray-engine and bench
+    tests) goes to whichever worker is free."""
+    for item in items:
+        path = os.path.relpath(str(item.fspath), REPO)
+        if item.get_closest_marker("slow") and path.startswith(SERIAL):
+            item.add_marker(pytest.mark.xdist_group("serial"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "personachat" / "valid.json").is_file():

@@ -1,12 +1,14 @@
 """The Ray Data engine (``engine: ray``): the same steps as the reference loop, spread over Ray workers.
 
-* read + validate + tokenize + window: ``from_items(chunk tasks) → map_batches(process_chunk)``; each task reads
+* read + validate + tokenize + window: one Ray task per chunk (at most ``workers`` at a time); each reads
   its byte range (pyarrow filesystems: local paths or URIs), parses and validates its records, tokenizes all of
-  their utterances in one batched call of the Rust tokenizer and lays out the windows;
+  their utterances in one batched call of the Rust tokenizer and lays out the windows. It returns two objects
+  (``piece_store.split_pieces``): its items, which stay in the object store (``item_refs``), and the lean pieces
+  (no token columns), the only part the driver fetches: its memory hardly grows with the corpus;
 * SMR/LMR samples: ranges of sample indices, built where the tasks run (each sample has its own seeded RNG);
 * pack + write: the driver plans first-fit-decreasing bins over the item lengths (a global decision, cheap),
-  then shard tasks build the packed rows and encode the Parquet bytes; the driver writes them under stable
-  names, then the manifest.
+  then shard tasks (Ray Data) fetch their items from the object store, build the packed rows and encode the
+  Parquet bytes; the driver writes them under stable names, then the manifest.
 
 ``preserve_order`` keeps every stream in input order, so the output is byte-identical whatever the number of
 workers (and identical to the local engine). Runs on an embedded local Ray by default, or joins the cluster of
@@ -25,13 +27,12 @@ import pyarrow as pa
 
 from data_prep.config import DataConfig
 from data_prep.layout import FastEncoder
+from data_prep.piece_store import split_pieces
 from data_prep.ray_cluster import ensure_ray
 from data_prep.reader import chunk_tasks, process_chunk
 from data_prep.tokenizer_loading import SpecialIds
 
 _ENCODERS: dict = {}  # per worker process: tokenizer digest -> FastEncoder (loaded once per tokenizer, ~0.2 s)
-
-
 
 
 def _encoder(tokenizer: dict) -> FastEncoder:
@@ -47,13 +48,12 @@ def _encoder(tokenizer: dict) -> FastEncoder:
     return enc
 
 
-def _process(batch: pa.Table, tokenizer: dict, ids: SpecialIds, cfg: dict) -> pa.Table:
+def _chunk_pieces(row: dict, chunk: int, tokenizer: dict, ids: SpecialIds, cfg: dict) -> tuple[pa.Table, pa.Table]:
+    """One chunk task: (its items, its lean pieces)."""
     from data_prep.reader import ChunkTask
 
-    enc = _encoder(tokenizer)
-    conf = DataConfig.model_validate(cfg)
-    tables = [process_chunk(ChunkTask(**row), enc, ids, conf) for row in batch.to_pylist()]
-    return pa.concat_tables(tables)
+    table = process_chunk(ChunkTask(**row), _encoder(tokenizer), ids, DataConfig.model_validate(cfg))
+    return split_pieces(table, chunk)
 
 
 def _apply(batch: pa.Table, fn, shared) -> pa.Table:
@@ -91,17 +91,25 @@ class RayEngine:
         self.workers = cfg.workers or max(1, int(self.ray.cluster_resources().get("CPU", 1)))
 
     def pieces(self, paths: list[str], metas: list[dict]) -> Iterator[pa.Table]:
-        import ray.data
-
-        tasks = chunk_tasks(paths, metas, self.cfg, self.workers)
-        if not tasks:
-            return
-        rows = [t.to_row() for t in tasks]
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        ds = ds.map_batches(_process, batch_size=1, batch_format="pyarrow", compute=self._compute(len(rows)), num_cpus=1,
-                            fn_kwargs={"tokenizer": self.tokenizer, "ids": self.ids,
-                                       "cfg": self.cfg.model_dump(mode="json")})
-        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+        """Lean pieces tables in input order, one per chunk task; the items stay in the object store
+        (``self.item_refs[chunk]``). At most ``workers`` tasks run at a time."""
+        rows = [t.to_row() for t in chunk_tasks(paths, metas, self.cfg, self.workers)]
+        task = self.ray.remote(num_returns=2, num_cpus=1)(_chunk_pieces)
+        kwargs = {"tokenizer": self.tokenizer, "ids": self.ids, "cfg": self.cfg.model_dump(mode="json")}
+        self.item_refs, lean, running = [], [], set()
+        done = 0
+        while done < len(rows):
+            while len(lean) < len(rows) and len(running) < self.workers:
+                items_ref, lean_ref = task.remote(rows[len(lean)], len(lean), **kwargs)
+                self.item_refs.append(items_ref)
+                lean.append(lean_ref)
+                running.add(lean_ref)
+            ready, _ = self.ray.wait(list(running), num_returns=1)
+            running.difference_update(ready)
+            while done < len(lean) and lean[done] not in running:
+                yield self.ray.get(lean[done])
+                lean[done] = None  # fetched: the driver keeps no reference to it
+                done += 1
 
     def map(self, fn, jobs: list, **kwargs) -> Iterator:
         """``fn(job, **kwargs)`` for each job on Ray tasks; results in job order."""
@@ -123,4 +131,4 @@ class RayEngine:
         return ray.data.TaskPoolStrategy(size=max(1, min(self.workers, n_inputs)))
 
     def close(self) -> None:
-        pass
+        self.item_refs = []  # the items in the object store may go

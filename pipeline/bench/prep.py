@@ -56,6 +56,15 @@ def effective_cores(n: int = 6_000_000) -> float:
     return round(2 * one / two, 2)
 
 
+def write_result(out: str, result: dict) -> dict:
+    """``result`` with the load average after the run, written as JSON to ``out``."""
+    result["load_average_after"] = list(os.getloadavg())
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
 def bench_prep(out: str, data_dir: str | None = None, workers: int | None = None, repeats: int = 3) -> dict:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from data_prep.config import DataConfig
@@ -107,8 +116,4 @@ def bench_prep(out: str, data_dir: str | None = None, workers: int | None = None
                                                "tokens": c["tokens_out"], "pad_tokens": c["pad_tokens"]}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result["load_average_after"] = list(os.getloadavg())
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    return result
+    return write_result(out, result)

@@ -1,5 +1,6 @@
-"""A Ray head on loopback for tests, in a short temporary directory, stopped by the process ids it started
-(never `ray stop`, which is machine-wide)."""
+"""A Ray head on loopback for tests, in a short temporary directory, and optionally more nodes joined to it
+(`add_node`: a second `ray start --address ... --block` on this machine), all stopped by the process ids they
+started (never `ray stop`, which is machine-wide)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,43 @@ class LocalRayCluster:
              "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.gcs_address = f"127.0.0.1:{self.port}"
+        self.nodes: list[subprocess.Popen] = []  # `ray start --address` processes of the nodes added
         self._wait_ready()
+
+    def add_node(self, num_cpus: int = 1, timeout: float = 120) -> None:
+        """Join one more node to this cluster (`ray start --address HEAD --block`, loopback, its own free ports),
+        and wait until the head counts it alive."""
+        ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+        ports = {flag: str(free_port()) for flag in ("--node-manager-port", "--object-manager-port",
+                                                    "--metrics-export-port", "--dashboard-agent-listen-port",
+                                                    "--dashboard-agent-grpc-port", "--runtime-env-agent-port")}
+        self.nodes.append(subprocess.Popen(
+            [ray_bin, "start", "--address", self.gcs_address, "--block", "--node-ip-address", "127.0.0.1",
+             "--num-cpus", str(num_cpus), *[x for kv in ports.items() for x in kv]],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        deadline = time.time() + timeout
+        while self._alive_or_zero() < 1 + len(self.nodes):
+            if self.nodes[-1].poll() is not None:
+                raise RuntimeError(f"ray start --address exited with {self.nodes[-1].returncode}")
+            if time.time() > deadline:
+                raise TimeoutError("the added Ray node did not join")
+            time.sleep(1)
+
+    def _alive_or_zero(self) -> int:
+        try:
+            return self.alive_nodes()
+        except OSError:  # the dashboard is busy: ask again
+            return 0
+
+    def alive_nodes(self) -> int:
+        """How many nodes the head's dashboard reports alive."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.address}/nodes?view=summary", timeout=5) as r:
+            summary = json.load(r)["data"]["summary"]
+        return sum(1 for n in summary if n.get("raylet", {}).get("state") == "ALIVE")
 
     def _wait_ready(self, timeout: float = 120) -> None:
         import urllib.request
@@ -71,12 +108,14 @@ class LocalRayCluster:
         return proc
 
     def stop(self) -> None:
-        """SIGTERM every process this cluster started (the `ray start --block` process and its descendants),
-        wait, then SIGKILL what is left."""
-        try:
-            procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            procs = []
+        """SIGTERM every process this cluster started (the `ray start --block` processes of the added nodes and of
+        the head, and their descendants), wait, then SIGKILL what is left."""
+        procs = []
+        for started in [*self.nodes, self.proc]:
+            try:
+                procs += [psutil.Process(started.pid)] + psutil.Process(started.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
         for p in procs:
             try:
                 p.send_signal(signal.SIGTERM)

@@ -7,26 +7,12 @@ from __future__ import annotations
 import sys
 import time
 
-import psutil
 import pytest
 
 from tests.pipeline.training.test_two_stage import QUICKSTART_SHORT, check_quickstart_run
 from tests.repo import REPO
 
-from .ray_cluster import LocalRayCluster
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = LocalRayCluster()
-    pids = [c.proc.pid] + [p.pid for p in psutil.Process(c.proc.pid).children(recursive=True)]
-    try:
-        yield c
-    finally:
-        c.stop()
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
 
 
 def test_ray_job_runs_the_whole_recipe_on_the_cluster(cluster, tmp_path):

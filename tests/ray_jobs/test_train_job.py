@@ -11,14 +11,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import psutil
 import pytest
 import torch
 
-from .ray_cluster import LocalRayCluster, free_port
 
 pytestmark = pytest.mark.slow
 from tests.repo import REPO
@@ -34,41 +32,15 @@ wandb: {mode: offline}
 STEPS, SAVE_EVERY = 12, 3
 
 
-class _Cluster(LocalRayCluster):
-    """``LocalRayCluster`` whose dashboard agent listens on a free port: with the default (52365) held by any other
-    Ray instance on the machine, the agent has no HTTP server and every job submission is refused ("No available
-    agent to submit job")."""
-
-    def __init__(self, num_cpus: int = 4):
-        self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-        self.port, self.dashboard_port, self.client_port, agent = free_port(), free_port(), free_port(), free_port()
-        self.env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-        self.env.pop("RAY_ADDRESS", None)
-        self.proc = subprocess.Popen(
-            [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block", "--port", str(self.port),
-             "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-             "--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(self.client_port),
-             "--temp-dir", self.temp_dir, "--num-cpus", str(num_cpus)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        self._wait_ready()
-
-
 @pytest.fixture(scope="module")
-def job_run(tmp_path_factory, shards):
-    """An uninterrupted 2-worker run submitted with `ray job submit` to a loopback Ray head started (and stopped, by
-    its process ids) here; also the reference of the fault-tolerance test."""
+def job_run(tmp_path_factory, shards, cluster):
+    """An uninterrupted 2-worker run submitted with `ray job submit` to the folder's loopback Ray head; also the
+    reference of the fault-tolerance test."""
     tmp = tmp_path_factory.mktemp("job")
-    cluster = _Cluster()
-    pids = [cluster.proc.pid] + [p.pid for p in psutil.Process(cluster.proc.pid).children(recursive=True)]
-    try:
-        t0 = time.time()
-        proc = cluster.submit([sys.executable, "-m", "ray_jobs.train", "--config", _recipe(tmp, STEPS, SAVE_EVERY),
-                               "--data", shards, "--out", str(tmp / "run")], REPO)
-        print(f"ray job submit: {time.time() - t0:.0f} s")
-    finally:
-        cluster.stop()
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    t0 = time.time()
+    proc = cluster.submit([sys.executable, "-m", "ray_jobs.train", "--config", _recipe(tmp, STEPS, SAVE_EVERY),
+                           "--data", shards, "--out", str(tmp / "run")], REPO)
+    print(f"ray job submit: {time.time() - t0:.0f} s")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return tmp
 
