@@ -38,7 +38,7 @@ test: $(STAMP) slurm
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -222,6 +222,9 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--threads", type=int, help="torch threads per point (default: torch's)")
     s.add_argument("--resume", action="store_true", help="keep the points already in --out and run the rest")
     s.set_defaults(fn=cmd_bench_memory)
+    from pipeline.bench.method import add_method_parser  # `convsink bench method`
+
+    add_method_parser(inner)
     return inner
 
 

@@ -28,7 +28,7 @@ def _timed(times: dict, stage: str):
     times[stage] = time.perf_counter() - t0
 
 
-def _train_stage(cfg: RunConfig, data_dir: str, train_dir: str, label: str) -> dict:
+def train_stage(cfg: RunConfig, data_dir: str, train_dir: str, label: str) -> dict:
     """Train one stage into ``train_dir`` (resuming its newest checkpoint); returns the launch result plus
     ``checkpoint`` (the final checkpoint folder)."""
     from pipeline.training.checkpoint import checkpoint_root, latest_tag
@@ -44,7 +44,8 @@ def _train_stage(cfg: RunConfig, data_dir: str, train_dir: str, label: str) -> d
     return result
 
 
-def _export(train_dir: str, export_dir: str, label: str) -> None:
+def export_stage(train_dir: str, export_dir: str, label: str) -> None:
+    """Export the newest checkpoint of ``train_dir`` to ``export_dir`` (a Hugging Face folder)."""
     from pipeline.modeling.export import export_checkpoint
 
     print(f"[{label}] export -> {export_dir}", flush=True)
@@ -91,15 +92,15 @@ def run_recipe(cfg: RunConfig) -> dict:
             memory_cfg.train.max_steps = cfg.train.memory_steps or cfg.train.max_steps
             memory_cfg.wandb.name = f"{cfg.wandb.name or os.path.basename(out)}-memory"
             memory_export = os.path.join(out, "export-memory")
-            stages[MEMORY_STAGE] = _train_stage(memory_cfg, data_dir, os.path.join(out, "train-memory"), MEMORY_STAGE)
-            _export(os.path.join(out, "train-memory"), memory_export, MEMORY_STAGE)
+            stages[MEMORY_STAGE] = train_stage(memory_cfg, data_dir, os.path.join(out, "train-memory"), MEMORY_STAGE)
+            export_stage(os.path.join(out, "train-memory"), memory_export, MEMORY_STAGE)
         dialogue_cfg.train.init_from = memory_export
 
     dialogue_cfg.train.stage = DIALOGUE_STAGE
     with _timed(times, DIALOGUE_STAGE):
-        stages[DIALOGUE_STAGE] = _train_stage(dialogue_cfg, data_dir, os.path.join(out, "train"), DIALOGUE_STAGE)
+        stages[DIALOGUE_STAGE] = train_stage(dialogue_cfg, data_dir, os.path.join(out, "train"), DIALOGUE_STAGE)
     with _timed(times, EXPORT):
-        _export(os.path.join(out, "train"), export_dir, EXPORT)
+        export_stage(os.path.join(out, "train"), export_dir, EXPORT)
     with _timed(times, CHAT):
         print(f"[{CHAT}] {cfg.chat.cache} cache\nuser: {cfg.chat_prompt}", flush=True)
         replies = run_chat(export_dir, [cfg.chat_prompt], cfg.chat)
