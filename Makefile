@@ -35,7 +35,7 @@ slurm:
 
 # two workers: the slow (multi-process) tests one at a time on one, the in-process tests on the other (tests/conftest.py)
 test: $(STAMP) slurm
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=30 tests
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests

@@ -135,7 +135,8 @@ def cmd_bench_prep_scale(args) -> int:
         print(f"{name:>13}: {e['tokens_per_s']:,.0f} tokens/s ({e['pipeline_seconds']:.1f} s + Ray start "
               f"{e['ray_init_seconds']:.1f} s), driver peak RSS {e['driver_peak_rss_mb']:,.0f} MB")
     print(f"corpus {r['corpus']['mb']:,.0f} MB, effective cores {r['effective_cores']:.2f}: Ray / single process "
-          f"{r['ray_speedup_vs_single_process']:.2f}x, efficiency {r['efficiency']:.0%} (target {r['target_efficiency']:.0%})")
+          f"{r['ray_speedup_vs_single_process']:.2f}x, efficiency {r['efficiency']:.0%}; Ray / Ray 1 worker "
+          f"{r['ray_speedup_vs_ray_1_worker']:.2f}x, efficiency {r['scaling_efficiency']:.0%} (target {r['target_efficiency']:.0%})")
     m = r["driver_memory"]
     if "driver_rss_mb_per_100mb_corpus" in m:
         print(f"Ray driver peak RSS: {m['driver_rss_mb_per_100mb_corpus']} MB per 100 MB of corpus "
