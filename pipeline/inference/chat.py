@@ -33,9 +33,12 @@ def open_conversation(model, tok, info, settings: CacheSettings) -> tuple[Conver
 
 
 def user_turn(conv: Conversation, turns_in: TurnEncoder, text: str):
-    """Feed the user's utterance, then the reply's opening (the assistant header under the chat template); returns
-    the logits the reply starts from (None: the conversation's last logits)."""
-    conv.add_utterance(turns_in.user(text), all_logits=False)
+    """Feed the user's utterance, then the reply's opening (the assistant header under the chat template; the user's
+    turn too when the template does not close user turns); returns the logits the reply starts from (None: the
+    conversation's last logits)."""
+    utterance = turns_in.user(text)
+    if utterance is not None:
+        conv.add_utterance(utterance, all_logits=False)
     logits = None
     for t in turns_in.reply_prefix():
         logits = conv.feed_token(t)

@@ -1,13 +1,15 @@
 """How chat and eval turn text into utterance token ids: bare utterances (the plain layout) or, for a model whose
 convsink.json ``layout`` says ``template: chat``, the model's own chat template exactly as prep laid it out
 (``data_prep.chat_template``): each turn with its role header, the template's opening system turn pinned with BOS,
-replies opened by the assistant header and closed by the end-of-turn token (the EoU)."""
+replies opened by the assistant header and closed by the end-of-turn token (the EoU). A template that closes only
+assistant turns (Llama-2/Mistral ``[INST] user [/INST] reply</s>``) makes a user turn and its reply one utterance, as
+prep does: the user's text then opens the utterance that the reply and its end-of-turn token close."""
 
 from __future__ import annotations
 
 from data_prep.chat_template import ChatSpec, chat_spec, encode_dialogue, pinned
 from data_prep.contract import ASSISTANT, ROLES, USER
-from data_prep.schema import Dialogue, Turn
+from data_prep.schema import DataError, Dialogue, Turn
 from data_prep.tokenizer_loading import encode_utterance
 
 CHAT_TEMPLATE = "chat"  # the value of data.template / convsink.json layout.template for the chat layout
@@ -23,6 +25,7 @@ class TurnEncoder:
         if layout.get("template") == CHAT_TEMPLATE:
             self.spec = chat_spec(tokenizer, ROLES, bool(layout.get("pin_system", True)))
         self.history: list[Turn] = []
+        self.closes_user_turns = self.spec is None or self._renders_closed([Turn(USER, "x")])
 
     @property
     def chat(self) -> bool:
@@ -30,6 +33,14 @@ class TurnEncoder:
 
     def _utterances(self, turns: list[Turn]):
         return encode_dialogue(self.spec, Dialogue("chat", tuple(turns), source="<chat>"))
+
+    def _renders_closed(self, turns: list[Turn]) -> bool:
+        """Whether the template closes the last of ``turns`` with its end-of-turn token."""
+        try:
+            self._utterances(turns)
+        except DataError:
+            return False
+        return True
 
     def opening(self) -> tuple[list[int] | None, list[list[int]]]:
         """(pinned system utterance or None, utterances to add before the first user turn): the template's own
@@ -42,15 +53,17 @@ class TurnEncoder:
             return before[0], before[1:]
         return None, before
 
-    def user(self, text: str) -> list[int]:
-        """The user's utterance (with its role header under the chat layout)."""
+    def user(self, text: str) -> list[int] | None:
+        """The user's utterance (with its role header under the chat layout); None when the template does not close
+        user turns: the user's text is then part of ``reply_prefix``."""
         if self.spec is None:
             return encode_utterance(self.tokenizer, text)
         self.history.append(Turn(USER, text))
-        return self._utterances(self.history).utterances[-1]
+        return self._utterances(self.history).utterances[-1] if self.closes_user_turns else None
 
     def reply_prefix(self) -> list[int]:
-        """Tokens that open the model's reply before it generates: the assistant header (none when plain)."""
+        """Tokens that open the model's reply before it generates: the assistant header (none when plain); for a
+        template that closes only assistant turns, the user's turn too (``[INST] text [/INST]``)."""
         if self.spec is None:
             return []
         return self._utterances(self.history + [Turn(ASSISTANT, "")]).utterances[-1]
