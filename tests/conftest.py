@@ -17,20 +17,22 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-# slow tests that run one at a time on one xdist worker: DeepSpeed launches, Ray clusters and Slurm jobs (2-rank runs
-# that would only slow each other down, and jobs with time limits or kill points)
-SERIAL = ("tests/slurm/", "tests/ray_jobs/", "tests/pipeline/training/", "tests/pipeline/modeling/",
-          "tests/pipeline/test_secrets.py")
+# slow tests that run one at a time, in file order, on one xdist worker per group: DeepSpeed launches (2-rank runs that
+# would only slow each other down), and Ray clusters and Slurm jobs (one cluster per group, jobs with time limits)
+SERIAL_GROUPS = {"training": ("tests/pipeline/training/", "tests/pipeline/modeling/", "tests/pipeline/test_secrets.py"),
+                 "clusters": ("tests/slurm/", "tests/ray_jobs/")}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook reads the xdist_group marks (pytest 8; pytest 9 loses them)
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs two pytest-xdist workers with ``--dist loadgroup``: the slow tests under ``SERIAL`` form one
-    group, run in file order on one worker; every other test (the in-process ones, and the slow Ray-engine and bench
-    tests) goes to whichever worker is free."""
+    """`make test` runs two pytest-xdist workers with ``--dist loadgroup``: the slow tests under each of
+    ``SERIAL_GROUPS`` form one group, run in file order on one worker (the two groups on the two workers); every other
+    test (the in-process ones, and the slow Ray-engine and bench tests) goes to whichever worker is free."""
     for item in items:
         path = os.path.relpath(str(item.fspath), REPO)
-        if item.get_closest_marker("slow") and path.startswith(SERIAL):
-            item.add_marker(pytest.mark.xdist_group("serial"))
+        group = next((g for g, prefixes in SERIAL_GROUPS.items() if path.startswith(prefixes)), None)
+        if item.get_closest_marker("slow") and group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

@@ -94,7 +94,7 @@ class RayEngine:
         """Lean pieces tables in input order, one per chunk task; the items stay in the object store
         (``self.item_refs[chunk]``). At most ``workers`` tasks run at a time."""
         rows = [t.to_row() for t in chunk_tasks(paths, metas, self.cfg, self.workers)]
-        task = self.ray.remote(num_returns=2, num_cpus=1)(_chunk_pieces)
+        task = self.ray.remote(num_returns=2, num_cpus=1, scheduling_strategy="SPREAD")(_chunk_pieces)  # over a cluster's nodes
         kwargs = {"tokenizer": self.tokenizer, "ids": self.ids, "cfg": self.cfg.model_dump(mode="json")}
         self.item_refs, lean, running = [], [], set()
         done = 0

@@ -36,7 +36,7 @@ def finish(slurm, job, log, t0, timeout=480):
 def assert_no_leftovers(slurm, job):
     """Nothing the job started outlives it (proctrack/linuxproc lets daemonized processes escape a job)."""
     left = []
-    for _ in range(20):
+    for _ in range(60):  # a Ray worker exits within seconds of its raylet, up to ~15 s on a loaded machine
         left = slurm.job_processes(job)
         if not left:
             return

@@ -35,7 +35,7 @@ def _folder_bytes(root) -> dict:
     return out
 
 
-def _chunk_task_nodes(address: str, timeout: float = 30) -> set:
+def _chunk_task_nodes(address: str, timeout: float = 90) -> set:
     """The node ids that ran prep's chunk tasks (Ray's state API; task events arrive within seconds)."""
     from ray.util.state import list_tasks
 
