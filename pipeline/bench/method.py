@@ -57,7 +57,7 @@ class MethodSetting:
 
 PRESETS = {
     "tiny": MethodSetting(),
-    # SmolLM2-135M on 2 CPU cores, sized for 2 hours in all (the estimate per phase is in the README)
+    # SmolLM2-135M on 2 CPU cores, sized for 2 hours in all (a loaded calibration estimated 70-80 min on a quiet machine)
     "smollm2": MethodSetting(model="smollm2", memory_steps=24, steps=30, micro_batch_size=2, grad_accum=1, seq_len=512,
                              lr=5e-5, nproc=1, smr_samples=96, lmr_samples=96, train_dialogues=None, eval_dialogues=10,
                              max_tokens=768, max_new_tokens=24, recall_after=10, threads=2),
