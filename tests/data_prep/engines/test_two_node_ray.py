@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from tests.pipeline.bench.test_prep_scale import tiny_shipped_data
+from tests.shipped_data import tiny_shipped_data
 from tests.ray_jobs.ray_cluster import LocalRayCluster
 
 

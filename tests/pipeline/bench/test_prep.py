@@ -6,19 +6,14 @@ import json
 
 import pytest
 
+from tests.shipped_data import tiny_shipped_data
+
 
 @pytest.mark.slow
 def test_bench_prep_small(shared_data, tmp_path):
     from pipeline.bench.prep import bench_prep
 
-    data = tmp_path / "data"
-    (data / "msc").mkdir(parents=True)
-    (data / "personachat").mkdir()
-    pc = json.loads((shared_data / "personachat" / "valid.json").read_text())
-    (data / "personachat" / "valid.json").write_text(json.dumps(dict(list(pc.items())[:50]), indent=2))
-    for name in ("session_2_test.jsonl", "session_3_test.jsonl"):
-        lines = (shared_data / "msc" / name).read_text().splitlines()[:40]
-        (data / "msc" / name).write_text("\n".join(lines) + "\n")
+    data = tiny_shipped_data(shared_data, tmp_path / "data")
     out = tmp_path / "b.json"
     r = bench_prep(str(out), data_dir=str(data), workers=2, repeats=1)
     assert json.loads(out.read_text()) == r

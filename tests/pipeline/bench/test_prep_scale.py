@@ -12,18 +12,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-
-
-def tiny_shipped_data(shared_data, root):
-    """40 PersonaChat dialogues and 40 episodes of two MSC files, laid out like ../shared/data."""
-    (root / "msc").mkdir(parents=True)
-    (root / "personachat").mkdir()
-    pc = json.loads((shared_data / "personachat" / "valid.json").read_text())
-    (root / "personachat" / "valid.json").write_text(json.dumps(dict(list(pc.items())[:40]), indent=2))
-    for name in ("session_2_test.jsonl", "session_3_test.jsonl"):
-        lines = (shared_data / "msc" / name).read_text().splitlines()[:40]
-        (root / "msc" / name).write_text("\n".join(lines) + "\n")
-    return root
+from tests.shipped_data import tiny_shipped_data
 
 
 @pytest.mark.slow
