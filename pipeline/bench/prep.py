@@ -40,20 +40,29 @@ def _burn(n: int) -> int:
     return s
 
 
-def effective_cores(n: int = 6_000_000) -> float:
-    """How many cores this process gets right now: the same pure-Python work once, then twice in parallel
-    (2.0 on an idle 2-core machine; less when other work shares it)."""
+def effective_cores(n: int = 3_000_000, rounds: int = 3) -> float:
+    """How many of two cores this process gets right now: the same pure-Python work on one process, then on two in
+    parallel, interleaved ``rounds`` times; the best time of each (2.0 on an idle 2-core machine, less when other
+    work shares it). Capped at 2.0: two processes cannot do more than twice the work of one, and a higher ratio only
+    means the single run was slowed by load that then went away."""
     import multiprocessing as mp
 
-    t0 = time.perf_counter()
-    _burn(n)
-    one = time.perf_counter() - t0
+    ones, twos = [], []
     with mp.get_context("spawn").Pool(2) as pool:
         pool.map(_burn, [n // 100, n // 100])  # start-up out of the timing
-        t0 = time.perf_counter()
-        pool.map(_burn, [n, n])
-        two = time.perf_counter() - t0
-    return round(2 * one / two, 2)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            pool.map(_burn, [n])
+            ones.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            pool.map(_burn, [n, n])
+            twos.append(time.perf_counter() - t0)
+    return cores_from_timings(ones, twos)
+
+
+def cores_from_timings(ones: list[float], twos: list[float]) -> float:
+    """Effective cores from the times of one task alone (``ones``) and two tasks in parallel (``twos``), in (0, 2]."""
+    return round(min(2.0, 2 * min(ones) / min(twos)), 2)
 
 
 def write_result(out: str, result: dict) -> dict:
