@@ -16,6 +16,8 @@ never does: content is tokenized as text (``<|im_end|>`` typed by a user stays t
 * A template that closes only some turns (Llama-2/Mistral: ``[INST] user [/INST] assistant</s>``) makes one
   utterance of the turns up to each end-of-turn token (a user/assistant pair); its role is its last turn's.
 * A turn the template injects itself (SmolLM2's default system prompt) is an utterance of role ``system``.
+* A pinned system turn (``data.pin_system``) shares utterance 0 with the sink and heads every window of a dialogue
+  longer than ``seq_len`` (``chat_windows``); its loss counts in window 0 only.
 * Labels (``data.train_on``): only content tokens of the chosen roles and the EoU of an utterance whose role is
   chosen; role headers and template text never carry loss.
 * Speakers that are not roles (PersonaChat/MSC ``A``/``B``, names) alternate: the dialogue's first speaker is
@@ -238,6 +240,44 @@ def chat_columns(cols: dict, utt_lens, flags, eou_flags, windows: list[tuple[int
     return cols
 
 
-def pin_of(turns: ChatTurns, spec: ChatSpec, windows: list[tuple[int, int]]) -> list[bool]:
-    """Per window of one dialogue: whether its first utterance is the pinned system turn (window 0 only)."""
-    return [k == 0 and pinned(turns, spec) for k in range(len(windows))]
+@dataclass
+class ChatWindows:
+    """A rendered dialogue cut into windows: ``utterances``/``supervised``/``eou_supervised`` as laid out (with a
+    pinned system turn repeated at the head of every window, its later copies without loss), ``plan`` the
+    utterance range ``[a, b)`` of each window over them, ``pin`` whether each window opens with the pinned turn."""
+
+    utterances: list[list[int]]
+    supervised: list[list[int]]
+    eou_supervised: list[int]
+    plan: list[tuple[int, int]]
+    pin: list[bool]
+
+
+def chat_windows(turns: ChatTurns, spec: ChatSpec, seq_len: int) -> ChatWindows | tuple[int, int]:
+    """Windows of ``seq_len`` tokens at utterance boundaries. A pinned system turn (``pinned``) opens every window,
+    so the instructions stay visible after a split: window k holds ``[sink] system EoU u_a EoU ... u_b EoU``. Returns
+    ``(turn, pinned_tokens)`` instead when that turn cannot fit a window on its own (with the pinned turn when
+    ``pinned_tokens`` > 0): the caller rejects the dialogue (``too_long``)."""
+    from data_prep.windows import plan_windows
+
+    lens = [len(u) for u in turns.utterances]
+    if not pinned(turns, spec):
+        plan = plan_windows(lens, seq_len)
+        if isinstance(plan, int):
+            return plan, 0
+        return ChatWindows(turns.utterances, turns.supervised, turns.eou_supervised, plan, [False] * len(plan))
+    if lens[0] + 2 > seq_len:
+        return 0, 0
+    rest = plan_windows(lens[1:], seq_len - lens[0] - 1)  # every window also holds the system turn and its EoU
+    if isinstance(rest, int):
+        return rest + 1, lens[0]
+    out = ChatWindows([], [], [], [], [True] * len(rest))
+    for k, (a, b) in enumerate(rest):
+        start = len(out.utterances)
+        out.utterances += [turns.utterances[0]] + turns.utterances[1 + a:1 + b]
+        sys_loss = turns.supervised[0] if k == 0 else [0] * lens[0]  # a repeat is context: its loss counts once
+        out.supervised += [sys_loss] + turns.supervised[1 + a:1 + b]
+        out.eou_supervised += [turns.eou_supervised[0] if k == 0 else 0] + turns.eou_supervised[1 + a:1 + b]
+        out.plan.append((start, len(out.utterances)))
+    return out
+

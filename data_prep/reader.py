@@ -27,7 +27,7 @@ from data_prep.adapters import (
 )
 from data_prep.chat_records import ChatMapping
 from data_prep.config import DataConfig
-from data_prep.chat_template import ChatTurns, chat_columns, encode_dialogue, pin_of
+from data_prep.chat_template import ChatTurns, chat_columns, chat_windows, encode_dialogue
 from data_prep.contract import BLK, DIALOGUE, EOU, INPUT_IDS, LABELS, MASK_KIND, UTT_IDS
 from data_prep.items import PieceBuilder, pieces_from_columns
 from data_prep.layout import TokenizedDialogue, dialogue_texts, split_into_windows
@@ -35,7 +35,7 @@ from data_prep.hf_datasets import DATASETS_READER, dataset_records, is_dataset_i
 from data_prep.schema import DataError
 from data_prep.sources import Chunk, canonical_path, display_name, read_bytes, scan
 from data_prep.tokenizer_loading import SpecialIds
-from data_prep.windows import layout_columns, plan_windows
+from data_prep.windows import layout_columns, plan_windows, too_long
 
 
 @dataclass
@@ -191,25 +191,29 @@ def process_chunk(task: ChunkTask, encode, ids: SpecialIds, cfg: DataConfig) -> 
             continue
         if isinstance(rec, ChatTurns):
             turns, rec = rec, rec.dialogue
-            utts = turns.utterances
+            lens = [len(u) for u in turns.utterances]
+            laid = chat_windows(turns, ids.chat, cfg.seq_len)
+            plan = laid if isinstance(laid, tuple) else laid.plan
         else:
             utts = flat[k:k + len(rec.turns)]
             k += len(rec.turns)
-        lens = [len(u) for u in utts]
-        plan = plan_windows(lens, cfg.seq_len)
-        if isinstance(plan, int):
-            err = DataError(rec.source, rec.line, f"turn {plan} has {lens[plan]} tokens; with BOS and EoU it exceeds "
-                            f"seq_len={cfg.seq_len}", "too_long")
-            scalars.append(base | _rejected(err, tokens=1 + sum(n + 1 for n in lens)))
+            lens = [len(u) for u in utts]
+            plan = plan_windows(lens, cfg.seq_len)
+            plan = (plan, 0) if isinstance(plan, int) else plan
+        if isinstance(plan, tuple):
+            scalars.append(base | _rejected(too_long(rec, lens, plan[0], cfg.seq_len, plan[1]),
+                                            tokens=1 + sum(n + 1 for n in lens)))
             row_lengths.append(0)
             continue
+        if ids.chat is not None:
+            utts = laid.utterances
+            flags += [f for fs in laid.supervised for f in fs]
+            eou_flags += laid.eou_supervised
+            pin += laid.pin
+        lens = [len(u) for u in utts]
         first = len(kept_lens)
         kept_lens += lens
         kept_utts += utts
-        if ids.chat is not None:
-            flags += [f for fs in turns.supervised for f in fs]
-            eou_flags += turns.eou_supervised
-            pin += pin_of(turns, ids.chat, plan)
         for w, (a, b) in enumerate(plan):
             windows.append((first + a, first + b))
             scalars.append(base | {"line": str(rec.line), "error": "", "code": "", "window": w, "windows": len(plan),
@@ -273,15 +277,16 @@ def _keep_or_reject_chat(out: PieceBuilder, file_index: int, ordinal: int, line,
     except DataError as e:
         out.reject(file_index, ordinal, e)
         return
-    lens = [len(u) for u in turns.utterances]
-    plan = plan_windows(lens, seq_len)
-    if isinstance(plan, int):
-        out.reject(file_index, ordinal, DataError(dialogue.source, dialogue.line, f"turn {plan} has {lens[plan]} tokens; "
-                   f"with BOS and EoU it exceeds seq_len={seq_len}", "too_long"), tokens=1 + sum(n + 1 for n in lens))
+    laid = chat_windows(turns, ids.chat, seq_len)
+    if isinstance(laid, tuple):
+        lens = [len(u) for u in turns.utterances]
+        out.reject(file_index, ordinal, too_long(dialogue, lens, laid[0], seq_len, laid[1]),
+                   tokens=1 + sum(n + 1 for n in lens))
         return
-    tokens = np.fromiter(chain.from_iterable(turns.utterances), dtype=np.int32, count=sum(lens))
+    lens, plan = [len(u) for u in laid.utterances], laid.plan
+    tokens = np.fromiter(chain.from_iterable(laid.utterances), dtype=np.int32, count=sum(lens))
     cols = chat_columns(layout_columns(np.asarray(lens, dtype=np.int64), tokens, plan, ids), np.asarray(lens),
-                        [f for fs in turns.supervised for f in fs], turns.eou_supervised, plan, pin_of(turns, ids.chat, plan))
+                        [f for fs in laid.supervised for f in fs], laid.eou_supervised, plan, laid.pin)
     ends = np.cumsum(cols["lengths"])
     windows = []
     for w, ((a, b), stop) in enumerate(zip(plan, ends)):

@@ -9,6 +9,7 @@ import numpy as np
 
 from data_prep.contract import BLK, EOU, INPUT_IDS, LABELS, UTT_IDS
 from data_prep.layout import IGNORE
+from data_prep.schema import DataError, Dialogue
 from data_prep.tokenizer_loading import SpecialIds
 
 
@@ -70,3 +71,10 @@ def layout_columns(utt_lens: np.ndarray, tokens: np.ndarray, windows: list[tuple
     labels[w_start] = IGNORE
     return {INPUT_IDS: input_ids, LABELS: labels, UTT_IDS: utt, EOU: eou, BLK: utt.copy(),
             "lengths": win_len, "utterances": n_utts}
+
+
+def too_long(dialogue: Dialogue, lens: list[int], turn: int, seq_len: int, pinned_tokens: int = 0) -> DataError:
+    """The ``too_long`` rejection of a dialogue whose ``turn`` cannot fit a window of ``seq_len`` tokens."""
+    pin = f", the pinned system turn ({pinned_tokens} tokens)" if pinned_tokens else ""
+    return DataError(dialogue.source, dialogue.line, f"turn {turn} has {lens[turn]} tokens; with BOS{pin} and EoU it "
+                     f"exceeds seq_len={seq_len}", "too_long")

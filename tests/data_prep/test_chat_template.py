@@ -37,13 +37,17 @@ def _auto(path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _layout(tok, messages, **cfg):
+def _layout(tok, messages, seq_len=4096, **cfg):
+    ids, rows = _windows(tok, messages, seq_len, **cfg)
+    return ids, rows[0]
+
+
+def _windows(tok, messages, seq_len, **cfg):
     ids = layout_ids(tok, DataConfig(template="chat", **cfg))
     out = PieceBuilder()
     d = Dialogue("d0", tuple(Turn(r, t) for r, t in messages), source="chats.jsonl", line=3)
-    keep_or_reject(out, 0, 0, 3, "chats", d, [], ids, 4096)
-    row = out.table().to_pylist()[0]
-    return ids, row
+    keep_or_reject(out, 0, 0, 3, "chats", d, [], ids, seq_len)
+    return ids, out.table().to_pylist()
 
 
 def _template_ids(tok, messages) -> list[int]:
@@ -133,6 +137,36 @@ def test_a_role_the_template_cannot_render_is_one_line_naming_file_line_and_role
     assert "\n" not in msg and msg.startswith(f"{src}:2:") and "system" in msg and "turns.speaker" in msg
 
 
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_a_split_dialogue_repeats_the_pinned_system_turn_at_the_head_of_every_window(styles, style):
+    """A support agent's instructions survive a split: window k is [sink] system EoU u_a EoU ..., the system turn at
+    utterance 0 (visible to all, like the sink); its loss counts once (window 0); the other turns appear once each."""
+    path, messages, _ = styles[style]
+    tok = _auto(path)
+    long_chat = messages[:1] + messages[1:] * 6
+    ids, rows = _windows(tok, long_chat, 96)
+    _, whole = _layout(tok, long_chat)
+    assert len(rows) >= 3 and all(r["error"] == "" and len(r["input_ids"]) <= 96 for r in rows)
+    head = [t for t, u in zip(whole["input_ids"], whole["utt_ids"]) if u == 0]  # sink + system turn + its EoU
+    assert len(head) > 5
+    for k, r in enumerate(rows):
+        assert r["window"] == k and r["input_ids"][:len(head)] == head, k
+        assert r["utt_ids"][:len(head)] == [0] * len(head) and r["utt_ids"][len(head)] == 1
+        sys_labels = r["labels"][1:len(head)]
+        assert (sys_labels == whole["labels"][1:len(head)]) if k == 0 else all(x == IGNORE for x in sys_labels)
+    rest = [r["input_ids"][len(head):] for r in rows]
+    assert sum(rest, []) == whole["input_ids"][len(head):]  # the turns after the system prompt, each once, in order
+    assert sum(json.loads(r["supervised_by_role"]).get("system", 0) for r in rows) == \
+        json.loads(whole["supervised_by_role"]).get("system", 0) > 0
+
+
+def test_a_turn_that_cannot_fit_beside_the_pinned_system_turn_names_both(styles):
+    path, messages, _ = styles["chatml"]
+    tok = _auto(path)
+    _, row = _layout(tok, messages[:1] + (("user", "word " * 40),), seq_len=48)
+    assert row["code"] == "too_long" and "turn 1 has" in row["error"] and "pinned system turn" in row["error"], row
+
+
 def test_prep_counts_supervised_tokens_per_role_in_the_manifest(styles, tmp_path):
     path, messages, _ = styles["chatml"]
     src = tmp_path / "chats.jsonl"
@@ -151,8 +185,9 @@ def test_ray_engine_writes_the_local_engines_bytes_in_the_chat_layout(styles, tm
     loss, small Ray chunks: every output file identical to the local engine's."""
     path, messages, _ = styles["chatml"]
     chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"id": f"c{i}", "messages": [{"role": r, "content": f"{t} {i}"} for r, t in messages]})
-                             + "\n" for i in range(6)))
+    chats.write_text("".join(json.dumps({"id": f"c{i}", "messages": [{"role": r, "content": f"{t} {i}"}
+                                                                     for r, t in messages[:1] + messages[1:] * (1 + 30 * (i % 2))]})
+                             + "\n" for i in range(6)))  # odd ids longer than seq_len: the pinned turn heads each window
     inputs = [str(chats), str(shared_data / "msc" / "session_2_valid.jsonl")]
     outs = {}
     for name, extra in (("local", dict(engine="local")), ("ray", dict(engine="ray", workers=2, chunk_records=2))):
