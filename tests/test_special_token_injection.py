@@ -210,7 +210,8 @@ def test_eval_encodings_keep_special_text_as_text(tokenizer_dirs, name, layout):
     for special in special_tokens(tok):
         texts, twins = contexts(special), contexts(PLACEHOLDER)
         d = [Dialogue("d", tuple(Turn(ROLES[i % 2], t) for i, t in enumerate(ts)), source="<eval>") for ts in (texts, twins)]
-        (_, utts), (_, twin_utts) = tokenized(tok, d, 4096, {"template": layout})
+        (_, sys_, utts), (_, twin_sys, twin_utts) = tokenized(tok, d, 4096, {"template": layout})
+        utts, twin_utts = [sys_] * (sys_ is not None) + utts, [twin_sys] * (twin_sys is not None) + twin_utts
         gen, twin_gen = (TurnEncoder(tok, {"template": layout}).continuation(ts[:-1]) for ts in (texts, twins))
         check_encoding(tok, utts, twin_utts, texts, layout, f"eval perplexity {name} {special!r}")
         chat = layout == CHAT_TEMPLATE  # the reply's opening (Mistral's holds the last user turn); none when plain

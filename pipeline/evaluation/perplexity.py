@@ -33,31 +33,52 @@ PPL_PROTOCOL = ("ppl = exp(mean over dialogues of the per-dialogue mean token NL
                 "included); ppl_token_weighted = exp(mean over all scored tokens)")
 
 
-def tokenized(tokenizer, dialogues: list, max_tokens: int, layout: dict | None = None) -> list[tuple[str, list[list[int]]]]:
-    """(id, utterance token ids) per dialogue, truncated at an utterance boundary to ``max_tokens`` laid out;
-    dialogues left with fewer than 2 utterances are dropped (nothing to score). With a chat ``layout`` (convsink.json)
-    the utterances are the template's turns, role headers included, as prep lays them out (a system turn is scored
-    as an utterance here: eval does not pin it)."""
+def tokenized(tokenizer, dialogues: list, max_tokens: int, layout: dict | None = None
+              ) -> list[tuple[str, list[int] | None, list[list[int]]]]:
+    """(id, pinned system turn or None, utterance token ids) per dialogue, truncated at an utterance boundary to
+    ``max_tokens`` laid out; dialogues left with fewer than 2 utterances are dropped (nothing to score). With a chat
+    ``layout`` (convsink.json) the utterances are the template's turns, role headers included, as prep lays them
+    out; with ``pin_system`` (on unless the layout says otherwise) a leading system turn is pinned with BOS
+    (``[BOS] system EoU``, utterance 0, never scored) and the scored utterances 2..n are the turns after it."""
     spec = None
     if (layout or {}).get("template") == CHAT_TEMPLATE:
         from data_prep.chat_template import chat_spec
 
-        spec = chat_spec(tokenizer)
+        spec = chat_spec(tokenizer, pin_system=bool(layout.get("pin_system", True)))
     out = []
     for d in dialogues:
-        utts = encode_utterances(tokenizer, [t.text for t in d.turns]) if spec is None else chat_utterances(spec, d)
-        while utts and 1 + sum(len(u) + 1 for u in utts) > max_tokens:
+        system = None
+        if spec is None:
+            utts = encode_utterances(tokenizer, [t.text for t in d.turns])
+        else:
+            system, utts = chat_utterances(spec, d)
+        head = 1 + (len(system) + 1 if system is not None else 0)
+        while utts and head + sum(len(u) + 1 for u in utts) > max_tokens:
             utts = utts[:-1]
         if len(utts) >= 2:
-            out.append((d.id, utts))
+            out.append((d.id, system, utts))
     return out
 
 
-def chat_utterances(spec, dialogue) -> list[list[int]]:
-    """The utterances of ``dialogue`` rendered by the chat template (EoU = its end-of-turn token, not included)."""
-    from data_prep.chat_template import encode_dialogue
+def chat_utterances(spec, dialogue) -> tuple[list[int] | None, list[list[int]]]:
+    """(the pinned system turn or None, the other utterances) of ``dialogue`` rendered by the chat template (EoU =
+    its end-of-turn token, not included)."""
+    from data_prep.chat_template import encode_dialogue, pinned
 
-    return encode_dialogue(spec, dialogue).utterances
+    turns = encode_dialogue(spec, dialogue)
+    if pinned(turns, spec):
+        return turns.utterances[0], turns.utterances[1:]
+    return None, turns.utterances
+
+
+def pinned_layout(lay, system: list[int] | None, eou_id: int) -> tuple[list[int], list[int], list[bool]]:
+    """(input_ids, utt_ids, eou) of a ``layout_dialogue`` result with a pinned system turn after its BOS: ``[BOS]
+    system EoU`` all utterance 0, as prep lays it out (``data.pin_system``)."""
+    if system is None:
+        return lay.input_ids, lay.utt_ids, lay.eou
+    n = len(system) + 2
+    return (lay.input_ids[:1] + list(system) + [eou_id] + lay.input_ids[1:], [0] * n + lay.utt_ids[1:],
+            [False] * (n - 1) + [True] + lay.eou[1:])
 
 
 def scored_nll(logits: torch.Tensor, input_ids: list[int], utt_ids: list[int]) -> tuple[float, int]:
@@ -89,15 +110,15 @@ def perplexity(model, tokenizer, dialogues: list, ids, mask: str, max_tokens: in
     params["dialogue_kind"] = DIALOGUE  # the mask asked for is the mask used (not the model's training baseline)
     cfg = ModelConfig(attention=DENSE, mask=MaskConfig(**params))
     per_dialogue = []
-    for did, utts in tokenized(tokenizer, dialogues, max_tokens, layout):
-        lay = layout_dialogue(did, utts, ids)
-        T = len(lay)
+    for did, system, utts in tokenized(tokenizer, dialogues, max_tokens, layout):
+        input_ids, utt_ids, eou = pinned_layout(layout_dialogue(did, utts, ids), system, ids.eou)
+        T = len(input_ids)
         dev = model.device
-        batch = {INPUT_IDS: torch.tensor([lay.input_ids], device=dev), POSITION_IDS: torch.arange(T, device=dev)[None],
-                 DOC_IDS: torch.zeros(1, T, dtype=torch.long, device=dev), UTT_IDS: torch.tensor([lay.utt_ids], device=dev),
-                 EOU: torch.tensor([lay.eou], device=dev), BLK: torch.tensor([lay.blk], device=dev), MASK_KIND: [mask]}
+        batch = {INPUT_IDS: torch.tensor([input_ids], device=dev), POSITION_IDS: torch.arange(T, device=dev)[None],
+                 DOC_IDS: torch.zeros(1, T, dtype=torch.long, device=dev), UTT_IDS: torch.tensor([utt_ids], device=dev),
+                 EOU: torch.tensor([eou], device=dev), BLK: torch.tensor([utt_ids], device=dev), MASK_KIND: [mask]}
         logits = forward_batch(model, batch, cfg, impl=DENSE)[0]  # (T, V)
-        per_dialogue.append(scored_nll(logits, lay.input_ids, lay.utt_ids))
+        per_dialogue.append(scored_nll(logits, input_ids, utt_ids))
     return _summary(per_dialogue, mask=mask)
 
 
@@ -107,9 +128,11 @@ def cache_perplexity(model, tokenizer, dialogues: list, info: ExportInfo, settin
     from pipeline.inference.conversation import Conversation
 
     per_dialogue = []
-    for _, utts in tokenized(tokenizer, dialogues, max_tokens, info.layout):
-        conv = Conversation.from_settings(model, info, settings)
-        rows, input_ids, utt_ids = [conv.bos_logits[None]], [info.bos_token_id], [0]
+    for _, system, utts in tokenized(tokenizer, dialogues, max_tokens, info.layout):
+        conv = Conversation.from_settings(model, info, settings, system=system)
+        rows = [conv.prefix_logits]  # (P, V): [BOS] and a pinned system turn, never scored
+        input_ids = [info.bos_token_id] + ([*system, info.eou_token_id] if system is not None else [])
+        utt_ids = [0] * len(input_ids)
         for i, u in enumerate(utts, start=1):
             rows.append(conv.add_utterance(u))
             input_ids += list(u) + [info.eou_token_id]

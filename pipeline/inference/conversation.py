@@ -59,6 +59,7 @@ class Conversation:
         prefix = [bos_id] + ([*system, eou_id] if system is not None else [])
         self.pinned = len(prefix)
         logits = self._feed(prefix, eou=[False] * (len(prefix) - 1) + [system is not None])
+        self.prefix_logits = logits  # (P, V): BOS and a pinned system prompt
         self.bos_logits = logits[0]
         if system is not None:
             self.last_logits = logits[-1]

@@ -77,12 +77,36 @@ def test_eval_encodes_references_with_the_chat_template(chat_model):
 
     _, tok, info = load_chat_model(chat_model)
     turns = (Turn("A", "Hi, I like tea."), Turn("B", "Me too!"), Turn("A", "Green or black?"))
-    [(_, utts)] = tokenized(tok, [Dialogue("d", turns)], 4096, info.layout)
-    laid = [info.bos_token_id] + [t for u in utts for t in list(u) + [info.eou_token_id]]
+    [(_, system, utts)] = tokenized(tok, [Dialogue("d", turns)], 4096, info.layout)
+    assert system is not None and tok.decode(system).startswith("system\nYou are")  # SmolLM2's own (<|im_start|> is the sink)
+    laid = [info.bos_token_id] + system + [info.eou_token_id] + [t for u in utts for t in list(u) + [info.eou_token_id]]
     messages = [{"role": r, "content": t.text} for r, t in zip(("user", "assistant", "user"), turns)]
     assert laid == list(tok.apply_chat_template(messages, tokenize=True)["input_ids"])[:-1]  # A/B alternate user/assistant
-    [(_, bare)] = tokenized(tok, [Dialogue("d", turns)], 4096, None)
-    assert tok.decode(bare[0]) == "Hi, I like tea."
+    [(_, none, bare)] = tokenized(tok, [Dialogue("d", turns)], 4096, None)
+    assert none is None and tok.decode(bare[0]) == "Hi, I like tea."
+
+
+def test_eval_pins_the_system_turn_and_the_cache_scores_what_the_full_forward_scores(chat_model, shared_data):
+    """eval lays a system turn out as prep does (``[BOS] system EoU`` at utterance 0, never scored): perplexity under
+    the dialogue mask equals the StreamingDialogue cache's, with a cache far smaller than the dialogue, so the
+    prompt was kept; without pin_system the same turn is an ordinary (conditioning) first utterance."""
+    from data_prep.adapters import iter_dialogues
+    from data_prep.schema import Dialogue, Turn
+    from pipeline.evaluation.perplexity import cache_perplexity, perplexity, tokenized
+
+    model, tok, info = load_chat_model(chat_model)
+    msc = next(d for d in iter_dialogues(str(shared_data / "msc" / "session_3_test.jsonl"), "msc") if len(d.turns) >= 12)
+    d = Dialogue("sys", (Turn("system", "You are a support agent. Ask for the order number first."),) + msc.turns[:12])
+    [(_, system, utts)] = tokenized(tok, [d], 4096, info.layout)
+    assert "order number" in tok.decode(system) and len(utts) == 12
+    full = perplexity(model, tok, [d], info.special_ids, "dialogue", 4096, info.mask, info.layout)
+    settings = CacheSettings("streamingdialogue", window=16)
+    streamed = cache_perplexity(model, tok, [d], info, settings, 4096)
+    assert full["tokens"] == streamed["tokens"] == sum(len(u) + 1 for u in utts[1:])
+    assert streamed["mean_nll"] == pytest.approx(full["mean_nll"], abs=1e-4)
+    unpinned = dict(info.layout, pin_system=False)
+    [(_, none, utts_unpinned)] = tokenized(tok, [d], 4096, unpinned)
+    assert none is None and utts_unpinned[0] == system and utts_unpinned[1:] == utts
 
 
 def test_eval_generation_continues_a_history_in_the_chat_layout(chat_model):
