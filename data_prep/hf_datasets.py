@@ -3,7 +3,9 @@
 An input is a dataset when it is ``hf://OWNER/NAME`` (a Hub id, resolved from the local Hub cache only: nothing is
 downloaded), a ``save_to_disk`` folder (it holds ``state.json``/``dataset_info.json``/``dataset_dict.json``), a
 ``.parquet`` or ``.arrow`` file, or any file with ``data.format: hf`` (JSON lines, JSON, CSV). A dataset of several
-splits gives its ``train`` split (or its only one). Each row is one record in a record format (``data.format``, or
+splits gives its ``train`` split (or its only one); a selector after the id or folder picks another split and, for a
+Hub id, a configuration: ``hf://OWNER/NAME?split=test&name=CONFIG`` (``datasets.load_dataset(..., name=, split=)``;
+a split or configuration that is not there is one line listing those that are). Each row is one record in a record format (``data.format``, or
 detected from the column names) and goes through the same adapters as a JSON line; its place in errors is
 ``DATASET[row N]`` (N from 0, as ``dataset[N]``).
 """
@@ -11,6 +13,7 @@ detected from the column names) and goes through the same adapters as a JSON lin
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -19,7 +22,7 @@ import pyarrow as pa
 from data_prep.adapters import HF, RECORD_FORMATS, record_format_of
 from data_prep.chat_records import NO_MAPPING, ChatMapping
 from data_prep.schema import DataError
-from data_prep.sources import HUB_PREFIX, is_saved_dataset
+from data_prep.sources import HUB_PREFIX, dataset_base, is_saved_dataset
 
 DATASETS_READER = "datasets"  # ``reader`` of a dataset input in the manifest
 DATASET_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}  # read as datasets whatever data.format says
@@ -29,8 +32,31 @@ ROWS_PER_BATCH = 1024  # rows converted to Python objects at a time
 
 def is_dataset_input(path: str, fmt: str) -> bool:
     """Whether ``path`` is read through ``datasets`` (see the module docstring)."""
-    return (fmt == HF or path.startswith(HUB_PREFIX) or is_saved_dataset(path)
-            or os.path.splitext(path)[1].lower() in DATASET_SUFFIXES)
+    base = dataset_base(path)
+    return (fmt == HF or path.startswith(HUB_PREFIX) or is_saved_dataset(base)
+            or os.path.splitext(base)[1].lower() in DATASET_SUFFIXES)
+
+
+SELECTOR_KEYS = ("split", "name")  # what may follow ``?`` in a dataset input
+
+
+def selector_of(spec: str) -> dict[str, str]:
+    """The selector of a dataset input (``?split=S&name=C`` → {"split": S, "name": C}); a one-line DataError for
+    an unknown key or an empty value."""
+    base = dataset_base(spec)
+    if base == spec:
+        return {}
+    out = {}
+    for part in spec[len(base) + 1:].split("&"):
+        key, eq, value = part.partition("=")
+        if key not in SELECTOR_KEYS or not eq or not value or key in out:
+            raise DataError(spec, "", f"dataset selector {part!r}: use ?split=SPLIT, &name=CONFIG (a Hub id's "
+                            "configuration), each once", "dataset_selector")
+        out[key] = value
+    if "name" in out and not spec.startswith(HUB_PREFIX):
+        raise DataError(spec, "", "name= (a configuration) applies to hf://ID only; a save_to_disk folder holds one",
+                        "dataset_selector")
+    return out
 
 
 def _cache_dirs() -> tuple[str, str]:
@@ -45,7 +71,7 @@ def _hub_snapshot(spec: str) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    repo_id, hub_cache = spec[len(HUB_PREFIX):].strip("/"), _cache_dirs()[0]
+    repo_id, hub_cache = dataset_base(spec)[len(HUB_PREFIX):].strip("/"), _cache_dirs()[0]
     try:
         return snapshot_download(repo_id, repo_type="dataset", cache_dir=hub_cache, local_files_only=True)
     except (LocalEntryNotFoundError, OSError, ValueError):
@@ -55,14 +81,22 @@ def _hub_snapshot(spec: str) -> str:
                         "dataset` on a machine with network access", "dataset_not_cached") from None
 
 
-def _one_split(spec: str, loaded):
-    """A Dataset: ``loaded`` itself, or the train (or only) split of a DatasetDict."""
+def _one_split(spec: str, loaded, split: str | None = None):
+    """A Dataset: ``loaded`` itself, or the chosen (else the train, else the only) split of a DatasetDict."""
     if not hasattr(loaded, "keys"):
+        if split is not None and split != (str(loaded.split) if loaded.split is not None else None):
+            raise DataError(spec, "", f"dataset is a single split ({loaded.split or 'unnamed'}), not {split!r}; drop "
+                            "?split=", "dataset_split")
         return loaded
     splits = list(loaded.keys())
+    if split is not None:
+        if split not in splits:
+            raise DataError(spec, "", f"dataset has no split {split!r}; its splits: {splits}", "dataset_split")
+        return loaded[split]
     if "train" in splits or len(splits) == 1:
         return loaded["train" if "train" in splits else splits[0]]
-    raise DataError(spec, "", f"dataset has splits {splits} and none is 'train'; save the split to use", "dataset_split")
+    raise DataError(spec, "", f"dataset has splits {splits} and none is 'train'; choose one with ?split=",
+                    "dataset_split")
 
 
 def _load(spec: str, fmt: str):
@@ -71,11 +105,12 @@ def _load(spec: str, fmt: str):
     import datasets
 
     datasets.disable_progress_bars()  # prep reports its own progress
-    cache = _cache_dirs()[1]
+    cache, sel, base = _cache_dirs()[1], selector_of(spec), dataset_base(spec)
     if spec.startswith(HUB_PREFIX):
-        return _one_split(spec, datasets.load_dataset(_hub_snapshot(spec), cache_dir=cache))
-    if is_saved_dataset(spec):
-        return _one_split(spec, datasets.load_from_disk(spec))
+        return _one_split(spec, datasets.load_dataset(_hub_snapshot(spec), name=sel.get("name"), cache_dir=cache),
+                          sel.get("split"))
+    if is_saved_dataset(base):
+        return _one_split(spec, datasets.load_from_disk(base), sel.get("split"))
     ext = os.path.splitext(spec)[1].lower()
     if ext == ".arrow":
         return datasets.Dataset.from_file(spec)
@@ -87,15 +122,17 @@ def _load(spec: str, fmt: str):
 
 def _source_files(spec: str) -> list[str]:
     """The files a dataset is read from (their bytes make its sha256)."""
-    root = _hub_snapshot(spec) if spec.startswith(HUB_PREFIX) else spec
+    root = _hub_snapshot(spec) if spec.startswith(HUB_PREFIX) else dataset_base(spec)
     if not os.path.isdir(root):
         return [root]
     return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
 
 
 def _sha256(spec: str) -> str:
-    h = hashlib.sha256()
-    root = _hub_snapshot(spec) if spec.startswith(HUB_PREFIX) else os.path.dirname(spec)
+    h, sel = hashlib.sha256(), selector_of(spec)
+    if sel:  # another split or configuration of the same files: another fingerprint
+        h.update(json.dumps(sorted(sel.items())).encode())
+    root = _hub_snapshot(spec) if spec.startswith(HUB_PREFIX) else os.path.dirname(dataset_base(spec))
     for path in _source_files(spec):
         h.update(os.path.relpath(path, root).encode() + b"\0")
         with open(path, "rb") as f:

@@ -26,6 +26,13 @@ HUB_PREFIX = "hf://"  # a Hugging Face Hub dataset id, read from the local cache
 SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")  # what ``save_to_disk`` writes
 
 
+def dataset_base(spec: str) -> str:
+    """``spec`` without its dataset selector (``hf://ID?split=test&name=CONFIG``, a save_to_disk folder``?split=...``;
+    ``hf_datasets.selector_of``); any other path unchanged (a ``?`` in a file name stays)."""
+    base, sep, _ = spec.partition("?")
+    return base if sep and (spec.startswith(HUB_PREFIX) or is_saved_dataset(base)) else spec
+
+
 def is_saved_dataset(path: str) -> bool:
     """Whether ``path`` is a folder written by ``datasets``' ``save_to_disk``."""
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in SAVED_DATASET_FILES)
@@ -72,7 +79,7 @@ def resolve_inputs(specs: list[str]) -> list[str]:
     A missing file or a pattern that matches nothing is a FileNotFoundError naming it."""
     out: list[str] = []
     for spec in specs:
-        if spec.startswith(HUB_PREFIX) or is_saved_dataset(spec):  # datasets: checked when loaded
+        if spec.startswith(HUB_PREFIX) or is_saved_dataset(dataset_base(spec)):  # datasets: checked when loaded
             out.append(spec)
         elif any(c in spec for c in _GLOB):
             matches = _glob_uri(spec) if is_uri(spec) else sorted(p for p in glob.glob(spec) if os.path.isfile(p))

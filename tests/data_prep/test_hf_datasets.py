@@ -128,3 +128,64 @@ def test_ray_reads_datasets_in_parallel_with_the_local_engines_bytes(sources, tm
     assert rejected["line"] == "row 13" and rejected["code"] == "unknown_role"
     for name in files:
         assert (outs["ray"] / name).read_bytes() == (outs["local"] / name).read_bytes(), name
+
+
+def _hub_repo(tmp_path, files: dict[str, str]):
+    """A dataset in the local Hub cache (``datasets--someone--chats/snapshots/REV``) holding ``files``."""
+    repo = tmp_path / "hf_home" / "hub" / "datasets--someone--chats"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("1" * 40)
+    snap = repo / "snapshots" / ("1" * 40)
+    for name, text in files.items():
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
+        (snap / name).write_text(text)
+
+
+def _jsonl(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+CONFIGS_README = """---
+configs:
+- config_name: short
+  data_files:
+  - split: train
+    path: short/train.jsonl
+  - split: test
+    path: short/test.jsonl
+- config_name: long
+  data_files:
+  - split: train
+    path: long/train.jsonl
+---
+"""
+
+
+def test_a_selector_picks_a_hub_datasets_split_and_configuration(tmp_path):
+    _hub_repo(tmp_path, {"README.md": CONFIGS_README, "short/train.jsonl": _jsonl(ROWS[:3]),
+                         "short/test.jsonl": _jsonl(ROWS[10:12]), "long/train.jsonl": _jsonl(ROWS[20:27])})
+    assert _turns(iter_dialogues("hf://someone/chats?name=short&split=test", "auto")) == EXPECTED[10:12]
+    assert _turns(iter_dialogues("hf://someone/chats?name=short", "auto")) == EXPECTED[:3]  # train by default
+    assert _turns(iter_dialogues("hf://someone/chats?split=train&name=long", "auto")) == EXPECTED[20:27]
+    fingerprints = {dataset_records(s, "auto").sha256 for s in
+                    ("hf://someone/chats?name=short", "hf://someone/chats?name=short&split=test", "hf://someone/chats?name=long")}
+    assert len(fingerprints) == 3
+    for spec, words in (("hf://someone/chats?name=short&split=dev", "no split 'dev'; its splits: ['train', 'test']"),
+                        ("hf://someone/chats?name=nope", "cannot read as a Hugging Face dataset"),
+                        ("hf://someone/chats?spilt=test", "dataset selector 'spilt=test'")):
+        with pytest.raises(DataError) as e:
+            dataset_records(spec, "auto")
+        assert str(e.value).startswith(spec + ": ") and words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_selector_picks_a_saved_dataset_dicts_split_and_prep_reads_it(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    folder = tmp_path / "dd"
+    DatasetDict({"validation": Dataset.from_list(ROWS[:4]), "test": Dataset.from_list(ROWS[30:33])}).save_to_disk(str(folder))
+    with pytest.raises(DataError, match="none is 'train'; choose one with \\?split="):
+        dataset_records(str(folder), "auto")
+    assert _turns(iter_dialogues(f"{folder}?split=test", "auto")) == EXPECTED[30:33]
+    man = prepare([f"{folder}?split=validation"], str(tmp_path / "out"), DataConfig(engine="local", seq_len=64),
+                  progress=False)
+    assert man["counts"]["dialogues"] == 4 and man["counts"]["rejected"] == 0, man["counts"]
