@@ -84,6 +84,8 @@ def cmd_chat(args) -> int:
     if args.cache:
         overrides.append(f"chat.cache={args.cache}")
     cfg = load_config(args.config, overrides)
+    if args.system is not None:
+        cfg.chat.system = args.system
     turns = None
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):
@@ -312,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", choices=CACHE_POLICIES,
                    help="KV cache policy (default: chat.cache if set, else the model's convsink.json)")
     s.add_argument("--show-cache", action="store_true", help="print the cache size after every turn")
+    s.add_argument("--system", help="system prompt (default: chat.system, else the template's own; pinned with BOS "
+                   "on a chat-layout model, never evicted)")
     s.add_argument("overrides", nargs="*", help=_overrides_help())
     s.set_defaults(fn=cmd_chat)
 

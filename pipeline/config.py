@@ -145,6 +145,7 @@ class ChatConfig(Strict):
     sink_tokens: int = Field(4, ge=1, description="streamingllm cache: first s tokens kept")
     window: int = Field(256, ge=1, description="streamingllm / recompute cache: recent tokens kept")
     seed: int = Field(0, description="sampling seed")
+    system: str | None = Field(None, description="system prompt (chat layout: rendered by the template, pinned with BOS; plain: the first utterance)")
 
 
 class RunConfig(Strict):

@@ -21,11 +21,13 @@ def encode(tokenizer, text: str) -> list[int]:
     return encode_utterance(tokenizer, text)
 
 
-def open_conversation(model, tok, info, settings: CacheSettings) -> tuple[Conversation, TurnEncoder]:
+def open_conversation(model, tok, info, settings: CacheSettings, system_prompt: str | None = None
+                      ) -> tuple[Conversation, TurnEncoder]:
     """A conversation in the layout the model was trained on (convsink.json ``layout``): with the chat template,
-    its opening system turn is pinned with BOS (or added, without ``pin_system``)."""
+    its opening system turn (``system_prompt``, else the template's own) is pinned with BOS (or added as the first
+    utterance, without ``pin_system``); plain: ``system_prompt`` is the first utterance."""
     turns_in = TurnEncoder(tok, info.layout)
-    system, opening = turns_in.opening()
+    system, opening = turns_in.opening(system_prompt)
     conv = Conversation.from_settings(model, info, settings, system=system)
     for utterance in opening:
         conv.add_utterance(utterance, all_logits=False)
@@ -46,7 +48,7 @@ def user_turn(conv: Conversation, turns_in: TurnEncoder, text: str):
 
 
 def format_cache(info: dict) -> str:
-    return (f"[cache: {info['positions']} positions, {info['kv_bytes']} bytes K/V ({info['kv_bytes'] / 1024:.1f} KiB), "
+    return (f"[cache: {info['positions']} positions ({info['pinned']} pinned), {info['kv_bytes']} bytes K/V ({info['kv_bytes'] / 1024:.1f} KiB), "
             f"{info['policy']}, after {info['utterances']} utterances / {info['conversation_tokens']} tokens]")
 
 
@@ -58,7 +60,7 @@ def run_chat(model_dir: str, turns: list[str] | None, cfg: ChatConfig, show_cach
     convsink.json ``cache`` section, else ``cfg``'s defaults. Greedy at temperature 0, else sampled with ``cfg.seed``."""
     model, tok, info = load_chat_model(model_dir)
     settings = CacheSettings.resolve(cfg, info)
-    conv, turns_in = open_conversation(model, tok, info, settings)
+    conv, turns_in = open_conversation(model, tok, info, settings, cfg.system)
     generator = torch.Generator().manual_seed(cfg.seed)
     replies = []
     source = iter(turns) if turns is not None else _stdin_turns(out)

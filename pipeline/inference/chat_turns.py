@@ -8,7 +8,7 @@ prep does: the user's text then opens the utterance that the reply and its end-o
 from __future__ import annotations
 
 from data_prep.chat_template import ChatSpec, chat_spec, encode_dialogue, pinned
-from data_prep.contract import ASSISTANT, ROLES, USER
+from data_prep.contract import ASSISTANT, ROLES, SYSTEM, USER
 from data_prep.schema import DataError, Dialogue, Turn
 from data_prep.tokenizer_loading import encode_utterance
 
@@ -42,12 +42,19 @@ class TurnEncoder:
             return False
         return True
 
-    def opening(self) -> tuple[list[int] | None, list[list[int]]]:
+    def opening(self, system: str | None = None) -> tuple[list[int] | None, list[list[int]]]:
         """(pinned system utterance or None, utterances to add before the first user turn): the template's own
-        opening turns (SmolLM2's default system prompt), or the plain layout's none."""
+        opening turns (SmolLM2's default system prompt), or ``system`` rendered as the template's system turn in their
+        place; plain layout: none, or ``system`` as a bare first utterance. A template that cannot render a system
+        turn is a ValueError."""
         if self.spec is None:
-            return None, []
-        turns = self._utterances([Turn(USER, "")])
+            return None, [encode_utterance(self.tokenizer, system)] if system else []
+        head = [Turn(SYSTEM, system)] if system else []
+        try:
+            turns = self._utterances(head + [Turn(USER, "")])
+        except DataError as e:
+            raise ValueError(f"chat.system: {e.reason}") from None
+        self.history = head
         before = turns.utterances[:-1]
         if before and pinned(turns, self.spec):
             return before[0], before[1:]

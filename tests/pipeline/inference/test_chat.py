@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op thre
 
 
 TURNS = ["Hi there, how are you?", "I love hiking in the mountains with my dog.", "What did I say I love?"]
-CACHE_LINE = re.compile(r"^\[cache: (\d+) positions, (\d+) bytes K/V .*, (\w+), after (\d+) utterances / (\d+) tokens\]$")
+CACHE_LINE = re.compile(r"^\[cache: (\d+) positions \(\d+ pinned\), (\d+) bytes K/V .*, (\w+), after (\d+) utterances / (\d+) tokens\]$")
 
 
 @pytest.fixture(scope="module")

@@ -121,3 +121,46 @@ def test_eval_generation_continues_a_history_in_the_chat_layout(chat_model):
     messages = [{"role": r, "content": t} for r, t in zip(("user", "assistant", "user"), history)]
     assert laid == list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
     assert TurnEncoder(tok, None).continuation(history)[1] == []
+
+
+def test_a_system_prompt_replaces_the_templates_own_and_stays_pinned_in_a_small_cache(chat_model):
+    model, tok, info = load_chat_model(chat_model)
+    prompt = "You are the support agent of a hiking shop. Ask for the order number first."
+    conv, turns_in = open_conversation(model, tok, info, CacheSettings("streamingdialogue"), prompt)
+    fed = tok.decode([h[0] for h in conv.history])
+    expected = tok.apply_chat_template([{"role": "system", "content": prompt}], tokenize=False)
+    assert fed == expected.rstrip("\n") and "SmolLM" not in fed  # the template's default system turn is replaced
+    pinned = conv.pinned
+    assert pinned == len(conv.history) and {h[1] for h in conv.history} == {0}
+    for text in ("Hi there, I need help with my boots.", "They leak after a week.", "Order 1234.") * 3:
+        user_turn(conv, turns_in, text)
+        conv.generate(None, max_new_tokens=3, generator=torch.Generator().manual_seed(0))
+        turns_in.replied("ok")
+    assert conv.cache_info()["pinned"] == pinned and conv.cache_info()["positions"] < len(conv.history)
+    assert tok.decode([h[0] for h in conv.history if h[1] == 0]) == fed  # still utterance 0, never evicted
+    user_turn(conv, turns_in, "Thanks.")
+    tail = tok.decode([h[0] for h in conv.history[-12:]])
+    assert tail.endswith("<|im_start|>user\nThanks.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_convsink_chat_takes_a_system_prompt(chat_model, tmp_path):
+    import subprocess
+    import sys
+
+    turns = tmp_path / "turns.txt"
+    turns.write_text("Hello!\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "chat", "--model", chat_model, "--prompt-file",
+                           str(turns), "--system", "Answer in French.", "--show-cache", "chat.max_new_tokens=2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model, tok, info = load_chat_model(chat_model)
+    pinned = open_conversation(model, tok, info, CacheSettings(), "Answer in French.")[0].pinned
+    assert pinned != open_conversation(model, tok, info, CacheSettings())[0].pinned  # not the template's own prompt
+    assert proc.stdout.count("model: ") == 1 and f"positions ({pinned} pinned)" in proc.stdout, proc.stdout
+
+
+def test_plain_layout_takes_a_system_prompt_as_its_first_utterance(tmp_path):
+    model_dir = str(export_random_model(str(tmp_path / "plain")))
+    model, tok, info = load_chat_model(model_dir)
+    conv, _ = open_conversation(model, tok, info, CacheSettings("streamingdialogue"), "Be brief.")
+    assert conv.pinned == 1 and tok.decode([h[0] for h in conv.history if h[1] == 1]) == "Be brief." + tok.decode([info.eou_token_id])
