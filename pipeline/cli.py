@@ -167,7 +167,7 @@ def cmd_bench_memory(args) -> int:
 
     r = bench_memory(args.model, args.out, seq_lens=args.seq_lens, configs=tuple(args.configs or CONFIGS),
                      cap_gb=args.cap_gb, loss_chunk=args.loss_chunk, steps=args.steps, threads=args.threads,
-                     resume=args.resume, max_seq_len=args.max_seq_len)
+                     resume=args.resume, max_seq_len=args.max_seq_len, release_memory=not args.keep_freed_memory)
     print(format_tables(r))
     for config, s in r["summary"].items():
         print(f"{config}: longest T that fit {s['longest_T_fit']}, first that did not {s['first_T_not_fit']}")
@@ -224,6 +224,8 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--steps", type=int, default=1, help="training steps per point (the last one is timed)")
     s.add_argument("--threads", type=int, help="torch threads per point (default: torch's)")
     s.add_argument("--resume", action="store_true", help="keep the points already in --out and run the rest")
+    s.add_argument("--keep-freed-memory", action="store_true",
+                   help="leave glibc's malloc at its defaults (freed activations stay in the RSS; see README)")
     s.set_defaults(fn=cmd_bench_memory)
     from pipeline.bench.method import add_method_parser  # `convsink bench method`
 
