@@ -224,8 +224,7 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--steps", type=int, default=1, help="training steps per point (the last one is timed)")
     s.add_argument("--threads", type=int, help="torch threads per point (default: torch's)")
     s.add_argument("--resume", action="store_true", help="keep the points already in --out and run the rest")
-    s.add_argument("--keep-freed-memory", action="store_true",
-                   help="leave glibc's malloc at its defaults (freed activations stay in the RSS; see README)")
+    s.add_argument("--keep-freed-memory", action="store_true", help="leave glibc's malloc at its defaults (see README)")
     s.set_defaults(fn=cmd_bench_memory)
     from pipeline.bench.method import add_method_parser  # `convsink bench method`
 
