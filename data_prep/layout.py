@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data_prep.contract import DIALOGUE, IGNORE
-from data_prep.schema import DataError, Dialogue
+from data_prep.schema import Dialogue
 from data_prep.tokenizer_loading import SpecialIds, encode_utterances
 
 
@@ -93,14 +93,21 @@ class FastEncoder:
         return encode_utterances(self._hf, texts)
 
 
-def layout_dialogue(dialogue_id: str, utterances: list[list[int]], ids: SpecialIds, window: int = 0) -> TokenizedDialogue:
-    """Lay out ``[BOS] u1 EoU ... un EoU`` with metadata; loss on every token but BOS."""
+def layout_dialogue(dialogue_id: str, utterances: list[list[int]], ids: SpecialIds, window: int = 0,
+                    system: list[int] | None = None) -> TokenizedDialogue:
+    """Lay out ``[BOS] u1 EoU ... un EoU`` with metadata; loss on every token but BOS. With ``system`` (a pinned
+    system turn, ``data.pin_system``): ``[BOS] system EoU u1 EoU ...``, the prefix all utterance 0 and without loss."""
     input_ids, utt, eou = [ids.bos], [0], [False]
+    if system is not None:
+        input_ids += list(system) + [ids.eou]
+        utt += [0] * (len(system) + 1)
+        eou += [False] * len(system) + [True]
+    pinned = len(input_ids)
     for i, u in enumerate(utterances, start=1):
         input_ids += list(u) + [ids.eou]
         utt += [i] * (len(u) + 1)
         eou += [False] * len(u) + [True]
-    labels = [IGNORE] + input_ids[1:]
+    labels = [IGNORE] * pinned + input_ids[pinned:]
     return TokenizedDialogue(dialogue_id, input_ids, labels, utt, eou, list(utt), DIALOGUE, window)
 
 
@@ -108,10 +115,11 @@ def split_into_windows(dialogue: Dialogue, utterances: list[list[int]], ids: Spe
     """Lay out a dialogue; if it is longer than ``seq_len``, split it at utterance boundaries into consecutive
     windows that each start with BOS and restart utterance indices and positions (the model sees nothing of
     earlier windows). An utterance that cannot fit a window on its own is a DataError."""
+    from data_prep.windows import too_long  # windows imports this module
+
     for i, u in enumerate(utterances):
         if len(u) + 2 > seq_len:
-            raise DataError(dialogue.source, dialogue.line,
-                            f"turn {i} has {len(u)} tokens; with BOS and EoU it exceeds seq_len={seq_len}", "too_long")
+            raise too_long(dialogue, [len(x) for x in utterances], i, seq_len)
     windows, current, used = [], [], 1
     for u in utterances:
         if used + len(u) + 1 > seq_len:

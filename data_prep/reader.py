@@ -195,7 +195,7 @@ def process_chunk(task: ChunkTask, encode, ids: SpecialIds, cfg: DataConfig) -> 
             laid = chat_windows(turns, ids.chat, cfg.seq_len)
             plan = laid if isinstance(laid, tuple) else laid.plan
         else:
-            utts = flat[k:k + len(rec.turns)]
+            laid, utts = None, flat[k:k + len(rec.turns)]
             k += len(rec.turns)
             lens = [len(u) for u in utts]
             plan = plan_windows(lens, cfg.seq_len)
@@ -205,7 +205,7 @@ def process_chunk(task: ChunkTask, encode, ids: SpecialIds, cfg: DataConfig) -> 
                                             tokens=1 + sum(n + 1 for n in lens)))
             row_lengths.append(0)
             continue
-        if ids.chat is not None:
+        if laid is not None:  # the chat layout: a pinned system turn repeated at the head of each window
             utts = laid.utterances
             flags += [f for fs in laid.supervised for f in fs]
             eou_flags += laid.eou_supervised

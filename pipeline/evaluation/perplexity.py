@@ -71,16 +71,6 @@ def chat_utterances(spec, dialogue) -> tuple[list[int] | None, list[list[int]]]:
     return None, turns.utterances
 
 
-def pinned_layout(lay, system: list[int] | None, eou_id: int) -> tuple[list[int], list[int], list[bool]]:
-    """(input_ids, utt_ids, eou) of a ``layout_dialogue`` result with a pinned system turn after its BOS: ``[BOS]
-    system EoU`` all utterance 0, as prep lays it out (``data.pin_system``)."""
-    if system is None:
-        return lay.input_ids, lay.utt_ids, lay.eou
-    n = len(system) + 2
-    return (lay.input_ids[:1] + list(system) + [eou_id] + lay.input_ids[1:], [0] * n + lay.utt_ids[1:],
-            [False] * (n - 1) + [True] + lay.eou[1:])
-
-
 def scored_nll(logits: torch.Tensor, input_ids: list[int], utt_ids: list[int]) -> tuple[float, int]:
     """(sum, count) of next-token NLL over the tokens of utterances >= 2; ``logits (T, V)`` at positions 0..T-1."""
     targets = torch.tensor(input_ids[1:])  # (T-1,)
@@ -111,14 +101,14 @@ def perplexity(model, tokenizer, dialogues: list, ids, mask: str, max_tokens: in
     cfg = ModelConfig(attention=DENSE, mask=MaskConfig(**params))
     per_dialogue = []
     for did, system, utts in tokenized(tokenizer, dialogues, max_tokens, layout):
-        input_ids, utt_ids, eou = pinned_layout(layout_dialogue(did, utts, ids), system, ids.eou)
-        T = len(input_ids)
+        lay = layout_dialogue(did, utts, ids, system=system)  # a pinned system turn: utterance 0, never scored
+        T = len(lay)
         dev = model.device
-        batch = {INPUT_IDS: torch.tensor([input_ids], device=dev), POSITION_IDS: torch.arange(T, device=dev)[None],
-                 DOC_IDS: torch.zeros(1, T, dtype=torch.long, device=dev), UTT_IDS: torch.tensor([utt_ids], device=dev),
-                 EOU: torch.tensor([eou], device=dev), BLK: torch.tensor([utt_ids], device=dev), MASK_KIND: [mask]}
+        batch = {INPUT_IDS: torch.tensor([lay.input_ids], device=dev), POSITION_IDS: torch.arange(T, device=dev)[None],
+                 DOC_IDS: torch.zeros(1, T, dtype=torch.long, device=dev), UTT_IDS: torch.tensor([lay.utt_ids], device=dev),
+                 EOU: torch.tensor([lay.eou], device=dev), BLK: torch.tensor([lay.blk], device=dev), MASK_KIND: [mask]}
         logits = forward_batch(model, batch, cfg, impl=DENSE)[0]  # (T, V)
-        per_dialogue.append(scored_nll(logits, input_ids, utt_ids))
+        per_dialogue.append(scored_nll(logits, lay.input_ids, lay.utt_ids))
     return _summary(per_dialogue, mask=mask)
 
 

@@ -194,7 +194,9 @@ def test_ray_engine_writes_the_local_engines_bytes_in_the_chat_layout(styles, tm
         cfg = DataConfig(tokenizer=path, template="chat", train_on="assistant", seq_len=512, max_dialogues=12,
                          lmr={"samples": 4, "pairs_per_sample": 2}, smr={"samples": 4, "utterances_per_sample": 3}, **extra)
         outs[name] = tmp_path / name
-        prepare(inputs, str(outs[name]), cfg, progress=False)
+        man = prepare(inputs, str(outs[name]), cfg, progress=False)
+        # 6 chats and 12 MSC episodes (each longer than 512 tokens): 3 long chats split too, the pinned turn heading each window
+        assert (man["counts"]["dialogues"], man["counts"]["dialogues_split"]) == (18, 15), man["counts"]
     files = sorted(p.name for p in outs["local"].iterdir() if p.is_file() and p.name != "run.json")
     assert "smr-00000.parquet" in files and "dialogue-00000.parquet" in files
     for name in files:

@@ -22,6 +22,14 @@ def test_layout_bos_utterances_eous():
     assert t.labels == [IGNORE] + t.input_ids[1:] and t.blk == t.utt_ids and t.mask_kind == "dialogue"
 
 
+def test_layout_with_a_pinned_system_turn_puts_it_at_utterance_zero_without_loss():
+    t = layout_dialogue("d", [[10, 11], [12]], IDS, system=[7, 8])
+    assert t.input_ids == [1, 7, 8, 2, 10, 11, 2, 12, 2]
+    assert t.utt_ids == [0, 0, 0, 0, 1, 1, 1, 2, 2]  # [BOS] system EoU share utterance 0 (prep's chat layout)
+    assert t.eou == [False, False, False, True, False, False, True, False, True]
+    assert t.labels == [IGNORE] * 4 + [10, 11, 2, 12, 2] and t.blk == t.utt_ids
+
+
 def test_real_tokenizer_layout(tokenizer):
     from data_prep.layout import utterance_token_ids
     from data_prep.tokenizer_loading import prepare_tokenizer

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_prep.adapters import iter_dialogues
-from data_prep.tokenizer_loading import SpecialIds
+from data_prep.layout import layout_dialogue
 from pipeline.attention.masks import dense_mask
 from pipeline.attention.registry import DenseMaskAttention
 from pipeline.contract import DOC_IDS, EOU, UTT_IDS
@@ -30,16 +30,6 @@ def turns(tokenizer, shared_data):
     raise AssertionError(f"no {TURNS}-turn MSC episode")
 
 
-def pinned_layout(system: list[int], utterances: list[list[int]], ids: SpecialIds):
-    """``[BOS] system EoU u1 EoU ...``: BOS and the system turn (its EoU included) share utt 0."""
-    tokens, utt, eou = [ids.bos] + system + [ids.eou], [0] * (len(system) + 2), [False] * (len(system) + 1) + [True]
-    for i, u in enumerate(utterances, start=1):
-        tokens += u + [ids.eou]
-        utt += [i] * (len(u) + 1)
-        eou += [False] * len(u) + [True]
-    return tokens, utt, eou
-
-
 def full_forward(model, tokens, utt, eou):
     meta = {DOC_IDS: torch.zeros(1, len(tokens), dtype=torch.long), UTT_IDS: torch.tensor([utt]), EOU: torch.tensor([eou])}
     with torch.no_grad():
@@ -50,8 +40,9 @@ def full_forward(model, tokens, utt, eou):
 @pytest.fixture(scope="module")
 def pinned_full(model_and_ids, turns):
     model, ids = model_and_ids
-    tokens, utt, eou = pinned_layout(*turns, ids)
-    return full_forward(model, tokens, utt, eou), tokens, utt
+    system, utterances = turns
+    lay = layout_dialogue("d", utterances, ids, system=system)  # [BOS] system EoU (utt 0) u1 EoU ...
+    return full_forward(model, lay.input_ids, lay.utt_ids, lay.eou), lay.input_ids, lay.utt_ids
 
 
 def test_pinned_system_stays_cached_and_streamed_logits_equal_full_forward(model_and_ids, turns, pinned_full):
