@@ -103,7 +103,8 @@ def release_freed_memory(threshold: int = MMAP_THRESHOLD) -> str:
     free memory (``mallopt`` M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), so freed activations go back to the OS. By default
     glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which the per-layer
     activations of a step (a few MiB each) come from the heap and stay in the process's RSS once freed: measured
-    here, one causal step at T = 4,096 peaked at 4.13 GB by default and 2.64 GB with this (2,048: 2.81 / 2.64).
+    here (bench/memory_smollm2_default_malloc.json vs bench/memory_smollm2.json), one causal checkpointed step at
+    T = 4,096 peaked at 4.00 GB by default and 2.64 GB with this (2,048: 2.84 / 2.64).
     Returns what was set (``"default"`` where libc is not glibc)."""
     import ctypes
 
