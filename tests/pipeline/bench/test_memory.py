@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.bench.memory import CONFIGS, fitted_exponent
 from tests.repo import REPO
 
@@ -85,3 +87,14 @@ def test_release_freed_memory_returns_a_steps_freed_activations_to_the_os():
         kept[mode] = (allocator, int(mib))
     assert kept["default"][1] > 200, kept  # 300 MiB freed, still resident
     assert kept["release"][0].startswith("glibc mallopt") and kept["release"][1] < 20, kept
+
+
+def test_resume_refuses_points_measured_with_the_other_allocator_setting(tmp_path):
+    from pipeline.bench.memory import bench_memory
+
+    out = tmp_path / "mem.json"
+    out.write_text(json.dumps({"setting": {"release_freed_memory": False},
+                               "points": [{"config": "sink", "T": 128, "fits": True}]}))
+    with pytest.raises(ValueError, match="release_freed_memory=False; resume with the same allocator setting"):
+        bench_memory("tiny", str(out), seq_lens=[128], configs=("sink",), resume=True)
+    assert json.loads(out.read_text())["points"] == [{"config": "sink", "T": 128, "fits": True}]  # left as it was
