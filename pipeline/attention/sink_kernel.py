@@ -12,12 +12,14 @@ Which keys can a query see? Two kinds of keys, per mask kind:
     bigbird         first g tokens, r seeded random keys / q    last w tokens
     causal          -                                           the whole dialogue so far
 
-CPU path (``SinkAttention``): for each row and each chunk of C queries, the keys the chunk can reach are gathered
-into one short list ``[sinks before the band | band]`` and the exact predicate is evaluated on that (C × K) set
-only. Attention is permutation-invariant over keys when the mask is permuted with them, so the result equals the
-dense reference. A query in utterance i of a dialogue with utterances of L tokens computes about
-``i + C + L`` keys instead of ``i·L``. Plain gather + SDPA per chunk, so autograd gives every gradient
-(FlexAttention has no CPU backward in this torch).
+CPU path (``SinkAttention``): a ``SinkPlan`` (``pipeline.attention.sink_plan``), built once per batch, cuts each
+row into shared parts (a block of queries and the sink keys every one of them sees: one unmasked attention) and
+chunks of C queries (their remaining sink keys and their band ``[sinks | band]``, with the exact predicate as the
+mask). ``pipeline.attention.lse_attention`` runs every part with PyTorch's fused CPU attention op and merges them
+by log-sum-exp; its backward runs the op's backward per part with the merged output. Attention is
+permutation-invariant over keys when the mask is permuted with them, so the result equals the dense reference. A
+query in utterance i of a dialogue with utterances of L tokens computes about ``i + C + 2L`` keys instead of
+``i·L``, most of them in the shared parts at the fused kernel's full speed.
 
     dialogue mask, chunk = the two d queries     natural key order              gathered [sinks | band]
                                                    B a a E b b E c c E d d        B E E | c c E d d
@@ -33,180 +35,36 @@ BlockMask is built block-row by block-row (never a T×T tensor).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from pipeline.attention.masks import META_COLUMNS, MaskParams, bigbird_random_keys, check_meta, check_params, mask_mod
-from pipeline.contract import (
-    BIGBIRD,
-    BLK,
-    DIALOGUE,
-    DOC_IDS,
-    EOU,
-    FLEX,
-    LMR,
-    LOCAL,
-    MASK_KIND,
-    POSITION_IDS,
-    SINK,
-    SMR,
-    STREAMINGLLM,
-    UTT_IDS,
+from pipeline.attention.lse_attention import planned_attention
+from pipeline.attention.masks import MaskParams, mask_mod
+from pipeline.attention.sink_plan import (  # noqa: F401  (band_start, sink_keys: the plan's predicates, re-exported)
+    CHUNK,
+    SHARED,
+    SinkPlan,
+    row_parts,
+    band_start,
+    batch_meta,
+    row_meta,
+    sink_keys,
 )
-
-CHUNK = 128
-SINK_KINDS = (DIALOGUE, SMR, LMR)  # sinks: BOS + every EoU
-WINDOW_PARAM = {LOCAL: "local_window", STREAMINGLLM: "sink_window", BIGBIRD: "bigbird_window"}
-
-
-def batch_meta(batch: dict, params: MaskParams) -> dict:
-    """The ``(B, T)`` metadata columns of ``batch``, plus the BigBird random draws ``(B, T, r)`` if a row needs them."""
-    check_params(params)
-    meta = {c: batch[c] for c in META_COLUMNS if c in batch}
-    check_meta(meta)
-    if len(batch[MASK_KIND]) != meta[DOC_IDS].shape[0]:
-        raise ValueError(f"{len(batch[MASK_KIND])} mask kinds for {meta[DOC_IDS].shape[0]} rows")
-    if BIGBIRD in batch[MASK_KIND]:
-        meta["bigbird_random_keys"] = batch.get("bigbird_random_keys")
-        if meta["bigbird_random_keys"] is None:
-            meta["bigbird_random_keys"] = bigbird_random_keys(meta, params.bigbird_random, params.bigbird_seed)
-    return meta
-
-
-def _row(meta: dict, b: int) -> dict:
-    return {c: v[b:b + 1] for c, v in meta.items()}
-
-
-class _FirstIndex:
-    """First position of every value of a ``(T,)`` integer code; ``lookup`` answers ``default`` for absent codes."""
-
-    def __init__(self, code: torch.Tensor):
-        T = code.shape[0]
-        self.values, inverse = torch.unique(code, sorted=True, return_inverse=True)
-        self.first = torch.full_like(self.values, T).scatter_reduce(0, inverse, torch.arange(T, device=code.device), "amin")
-
-    def lookup(self, code: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
-        i = torch.searchsorted(self.values, code).clamp(max=self.values.numel() - 1)
-        return torch.where(self.values[i] == code, self.first[i], default)
-
-
-def _doc_code(doc: torch.Tensor, x: torch.Tensor, span: int) -> torch.Tensor:
-    return (doc + 1) * span + (x + 2)  # unique per (doc, x) for doc >= -1, -2 <= x < span - 2
-
-
-def band_start(kind: str, row: dict, params: MaskParams) -> torch.Tensor:
-    """``(T,)`` earliest key each query may see outside the sink keys (every other visible key lies in
-    ``[band_start(q), q]``). Exact for any metadata: it looks up first occurrences, it assumes no ordering."""
-    check_params(params)
-    doc = row[DOC_IDS][0]
-    T = doc.shape[0]
-    ar = torch.arange(T, device=doc.device)
-    doc_start = _FirstIndex(doc).lookup(doc, ar)
-    if kind in SINK_KINDS:
-        utt = row[UTT_IDS][0]
-        span = int(utt.max()) + 4
-        first_utt = _FirstIndex(_doc_code(doc, utt, span))
-        own = first_utt.lookup(_doc_code(doc, utt, span), ar)
-        if kind == DIALOGUE:
-            return torch.minimum(own, first_utt.lookup(_doc_code(doc, utt - 1, span), ar))
-        blk = row[BLK][0]
-        span = int(blk.max()) + 4
-        own_blk = _FirstIndex(_doc_code(doc, blk, span)).lookup(_doc_code(doc, blk, span), ar)
-        return own_blk if kind == SMR else torch.minimum(own, own_blk)
-    if kind in WINDOW_PARAM:
-        w = getattr(params, WINDOW_PARAM[kind])
-        return torch.maximum(ar - w + 1, doc_start)
-    return doc_start  # causal: the whole dialogue
-
-
-def sink_keys(kind: str, row: dict, params: MaskParams) -> torch.Tensor:
-    """``(T,)`` bool: keys a query may see outside its band (BigBird's random draws are per query, added later)."""
-    check_params(params)
-    doc = row[DOC_IDS][0]
-    if kind in SINK_KINDS:
-        return (row[UTT_IDS][0] == 0) | row[EOU][0]
-    if kind == STREAMINGLLM:
-        return row[POSITION_IDS][0] < params.sink_tokens
-    if kind == BIGBIRD:
-        return row[POSITION_IDS][0] < params.bigbird_global
-    return torch.zeros_like(doc, dtype=torch.bool)
-
-
-def row_plan(kind: str, row: dict, params: MaskParams, chunk: int = CHUNK) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """For one row (metadata ``(1, T)``): ``[(q0, q1, keys (K,), mask (q1-q0, K))]`` per chunk of queries.
-
-    ``keys`` = the sink keys before the chunk's band (only of dialogues present in the chunk; BigBird's draws of
-    the chunk's queries) followed by the band ``[min band_start, q1)``; key columns no query of the chunk may see
-    are dropped. ``mask`` is the exact predicate on those keys."""
-    doc = row[DOC_IDS][0]
-    T = doc.shape[0]
-    device = doc.device
-    start = band_start(kind, row, params)
-    sinks = sink_keys(kind, row, params).nonzero().squeeze(1)  # (S,) sorted
-    rand = row.get("bigbird_random_keys") if kind == BIGBIRD else None
-    pred = mask_mod(kind, row, params)
-    zero = torch.zeros(1, 1, dtype=torch.long, device=device)
-    plan = []
-    for q0 in range(0, T, chunk):
-        q1 = min(T, q0 + chunk)
-        lo = int(start[q0:q1].min())
-        extra = sinks[:int(torch.searchsorted(sinks, lo))]
-        d = doc[q0:q1]
-        one_doc = bool((d == d[0]).all())  # the usual chunk: a compare instead of isin's sort
-        extra = extra[doc[extra] == d[0]] if one_doc else extra[torch.isin(doc[extra], d)]
-        if rand is not None:
-            r = rand[0, q0:q1].flatten()
-            extra = torch.unique(torch.cat([extra, r[(r >= 0) & (r < lo)]]))
-        keys = torch.cat([extra, torch.arange(lo, q1, device=device)])  # (K,)
-        m = pred(zero, None, torch.arange(q0, q1, device=device).view(-1, 1), keys.view(1, -1))  # (C, K)
-        used = m.any(0)
-        if not bool(used.all()):
-            keys, m = keys[used], m[:, used]
-        plan.append((q0, q1, keys, m))
-    return plan
+from pipeline.contract import DOC_IDS, FLEX, MASK_KIND, SINK
 
 
 class SinkAttention:
-    """CPU path: a per-batch plan of gathered keys and small masks (built once); ``__call__`` runs it for every
-    layer. ``keys_computed / keys_dense`` is the fraction of the T×T (query, key) pairs actually computed.
+    """CPU path: a per-batch ``SinkPlan`` (built once), run for every layer by ``planned_attention``: shared sink
+    keys per block of queries without a mask, each chunk's remaining keys with its exact mask, merged by
+    log-sum-exp. ``keys_computed / keys_dense`` is the fraction of the T×T (query, key) pairs actually computed,
+    ``pairs_allowed / keys_dense`` the fraction the mask allows."""
 
-    Per row, the keys of all chunks are gathered with ONE index_select and queries are cut with ``split``, so
-    the backward pass scatters into each input once (slicing per chunk would allocate a full-size zero gradient
-    per chunk: quadratic in T). SDPA gets 4-D inputs so PyTorch's fused CPU kernel runs, with the mask as 0 / -inf
-    (converted once per batch and dtype, not by SDPA on every layer's call)."""
-
-    def __init__(self, batch: dict, params: MaskParams = MaskParams(), chunk: int = CHUNK):
-        meta = batch_meta(batch, params)
-        self.plans = [row_plan(kind, _row(meta, b), params, chunk) for b, kind in enumerate(batch[MASK_KIND])]
-        self.gather = [torch.cat([keys for _, _, keys, _ in plan]) for plan in self.plans]  # (sum K,) per row
-        self.q_sizes = [[q1 - q0 for q0, q1, _, _ in plan] for plan in self.plans]
-        self.k_sizes = [[keys.numel() for _, _, keys, _ in plan] for plan in self.plans]
-        self.masks = [[m[None, None] for *_, m in plan] for plan in self.plans]  # (1, 1, C, K) each
-        self._additive: dict[torch.dtype, list[list[torch.Tensor]]] = {}
-        T = meta[DOC_IDS].shape[1]
-        self.keys_computed = sum(int(m.numel()) for plan in self.plans for *_, m in plan)
-        self.keys_dense = len(self.plans) * T * T
-
-    def additive_masks(self, dtype: torch.dtype) -> list[list[torch.Tensor]]:
-        """The masks as ``0 / -inf`` of ``dtype``, built once per batch and dtype: SDPA would otherwise convert the
-        bool mask on every call (every layer, and again in each checkpointed layer's recompute)."""
-        if dtype not in self._additive:
-            self._additive[dtype] = [[torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
-                                      for m in row] for row in self.masks]
-        return self._additive[dtype]
+    def __init__(self, batch: dict, params: MaskParams = MaskParams(), chunk: int = CHUNK, shared: int = SHARED):
+        self.plan = SinkPlan(batch, params, chunk, shared)
+        self.keys_computed, self.keys_dense = self.plan.keys_computed, self.plan.keys_dense
+        self.pairs_allowed = self.plan.pairs_allowed
 
     def __call__(self, query, key, value, scaling):
         # query (B, H, T, D); key/value (B, Hkv, T, D) → (B, H, T, D)
-        gqa = key.shape[1] != query.shape[1]
-        masks = self.additive_masks(query.dtype)
-        rows = []
-        for b, (qb, kb, vb) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):
-            k_all = kb.index_select(1, self.gather[b])  # (Hkv, sum K, D)
-            v_all = vb.index_select(1, self.gather[b])
-            outs = [F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=m, scale=scaling, enable_gqa=gqa).squeeze(0)
-                    for q, k, v, m in zip(qb.split(self.q_sizes[b], 1), k_all.split(self.k_sizes[b], 1),
-                                          v_all.split(self.k_sizes[b], 1), masks[b])]  # (H, C, D) each
-            rows.append(torch.cat(outs, dim=1))  # (H, T, D)
-        return torch.stack(rows)  # (B, H, T, D)
+        return planned_attention(self.plan, query, key, value, scaling)
 
 
 def sinks_first_permutation(batch: dict, params: MaskParams = MaskParams()) -> torch.Tensor:
@@ -214,7 +72,7 @@ def sinks_first_permutation(batch: dict, params: MaskParams = MaskParams()) -> t
     meta = batch_meta(batch, params)
     perms = []
     for b, kind in enumerate(batch[MASK_KIND]):
-        row = _row(meta, b)
+        row = row_meta(meta, b)
         sink = sink_keys(kind, row, params) & (row[DOC_IDS][0] >= 0)
         perms.append(torch.argsort((~sink).to(torch.int8), stable=True))
     return torch.stack(perms)
