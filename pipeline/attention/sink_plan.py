@@ -34,20 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.attention.masks import META_COLUMNS, MaskParams, bigbird_random_keys, check_meta, check_params, mask_mod
-from pipeline.contract import (
-    BIGBIRD,
-    BLK,
-    DIALOGUE,
-    DOC_IDS,
-    EOU,
-    LMR,
-    LOCAL,
-    MASK_KIND,
-    POSITION_IDS,
-    SMR,
-    STREAMINGLLM,
-    UTT_IDS,
-)
+from pipeline.contract import BIGBIRD, BLK, DIALOGUE, DOC_IDS, EOU, LMR, LOCAL, MASK_KIND
+from pipeline.contract import POSITION_IDS, SMR, STREAMINGLLM, UTT_IDS
 
 CHUNK = 64  # queries per masked chunk: the band a chunk computes is about chunk + 2 utterances wide
 SHARED = 1024  # queries per shared block: each chunk also computes the sinks between its block's start and its band
