@@ -195,9 +195,12 @@ def run_capped(args: dict, cap_gb: float) -> dict:
     return {**result, "fits": not over, **({"reason": f"peak {result['peak_rss_gb']:.2f} GB over the cap"} if over else {})}
 
 
-def _file_sha(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()[:12]
+def _file_sha(*paths: str) -> str:
+    h = hashlib.sha1()
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
 
 
 def doubling(start: int, stop: int) -> list[int]:
@@ -223,7 +226,7 @@ def bench_memory(model: str, out: str, seq_lens=None, configs=tuple(CONFIGS), ca
         raise ValueError(f"{out}: its points were measured with release_freed_memory="
                          f"{old['setting'].get('release_freed_memory', False)}; resume with the same allocator setting")
     old = old["points"]
-    kernel = os.path.join(REPO_ROOT, "pipeline", "attention", "sink_kernel.py")
+    kernel = [os.path.join(REPO_ROOT, "pipeline", "attention", f) for f in ("sink_kernel.py", "sink_plan.py", "lse_attention.py")]
     result = {"setting": {"model": model, "model_config": json.load(open(os.path.join(folder, "config.json"))),
                           "init": "random (seed 0)", "dtype": "float32", "optimizer": "torch AdamW",
                           "step": "forward + backward + optimizer step, one conversation row (batch 1)",
@@ -240,7 +243,7 @@ def bench_memory(model: str, out: str, seq_lens=None, configs=tuple(CONFIGS), ca
                 break
             if (config, T) in done:
                 continue
-            sha = _file_sha(kernel)  # the kernel the point's process imports
+            sha = _file_sha(*kernel)  # the kernel the point's process imports (its three files)
             point = run_capped({"folder": folder, "config": config, "T": T, "loss_chunk": loss_chunk, "steps": steps,
                                 "threads": threads, "data_dir": data_dir, "release_memory": release_memory}, cap_gb)
             point.update(load_average=os.getloadavg()[0], sink_kernel_sha=sha,
