@@ -119,6 +119,7 @@ def save(engine, root: str, step: int, state: dict, keep_last: int) -> str:
     _fault("shards", step, tmp)
     try:
         engine.save_checkpoint(root, tag=tmp_tag, client_state={"convsink": state}, save_latest=False)
+        _fault_written()
     except (OSError, RuntimeError) as e:  # a full disk, a lost peer: the previous checkpoint stays the resume point
         raise RuntimeError(f"{tmp}: rank {rank}'s save failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}; "
                            f"{shutil.disk_usage(root).free >> 20} MiB free there); the resume point stays "
@@ -154,8 +155,9 @@ def _wait_complete(tmp: str) -> str | None:
 def _fault(point: str, step: int, tmp: str) -> None:
     """Test-only, a no-op unless ``$CONVSINK_FAULT`` is ``RANK:POINT:STEP[:BYTES]`` naming this rank and this point
     (shards, barrier, rename, latest) of the save of ``STEP``. Then this rank dies by SIGKILL there ("shards": once
-    DeepSpeed has begun writing this rank's optimizer-state file), or, with BYTES, from there on every file it writes
-    fails past BYTES bytes (``RLIMIT_FSIZE``: the kernel fails the write with EFBIG, as a full disk fails it)."""
+    DeepSpeed has begun writing this rank's optimizer-state file, at the latest once it is written: ``_fault_written``),
+    or, with BYTES, from there on every file it writes fails past BYTES bytes (``RLIMIT_FSIZE``: the kernel fails the
+    write with EFBIG, as a full disk fails it)."""
     spec = os.environ.get(FAULT_ENV, "").split(":")
     if spec[1:3] != [point, str(step)] or int(spec[0]) != dist.get_rank():
         return
@@ -169,9 +171,21 @@ def _fault(point: str, step: int, tmp: str) -> None:
             while not any(os.path.getsize(f) for f in glob.glob(optim_file)):
                 time.sleep(0.001)
             os.kill(os.getpid(), signal.SIGKILL)
-        threading.Thread(target=kill_once_written, daemon=True).start()
+        _KILLERS.append(threading.Thread(target=kill_once_written, daemon=True))
+        _KILLERS[-1].start()
     else:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+_KILLERS: list[threading.Thread] = []  # the armed "shards" fault of this rank, if any
+
+
+def _fault_written() -> None:
+    """Test-only: a rank with an armed "shards" fault dies here at the latest, before the barrier. Its watcher
+    thread may not get the GIL while ``torch.save`` writes; then it kills the rank only now, once the file is
+    written (never after the barrier, where rank 0 could already have named this save in ``latest``)."""
+    for killer in _KILLERS:
+        killer.join()
 
 
 def rotate(root: str, keep_last: int) -> None:
