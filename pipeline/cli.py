@@ -99,12 +99,11 @@ def cmd_chat(args) -> int:
 def cmd_bench_attention(args) -> int:
     from pipeline.bench.attention import bench_attention
 
-    result = bench_attention(args.out, seq_lens=tuple(args.seq_lens), heads=args.heads, head_dim=args.head_dim,
-                             repeats=args.repeats, chunk=args.chunk, threads=args.threads, layout=args.layout)
+    result = bench_attention(args.out, seq_lens=tuple(args.seq_lens), heads=args.heads, head_dim=args.head_dim, repeats=args.repeats,
+                             chunk=args.chunk, threads=args.threads, layout=args.layout, kv_heads=args.kv_heads)
     for r in result["summary"]:
-        print(f"T={r['T']:>6}: sink {r['sink_s']:.3f}s  dense-mask {r['dense_mask_s']:.3f}s  causal {r['causal_s']:.3f}s  "
-              f"-> {r['speedup_vs_dense_mask']:.1f}x vs dense-mask, {r['speedup_vs_causal']:.1f}x vs causal, "
-              f"keys computed {r['key_fraction_computed']:.2%}")
+        print(f"T={r['T']:>6}: sink {r['sink_s']:.3f}s  dense-mask {r['dense_mask_s']:.3f}s  causal {r['causal_s']:.3f}s  -> "
+              f"{r['speedup_vs_dense_mask']:.1f}x vs dense-mask, {r['speedup_vs_causal']:.1f}x vs causal, keys computed {r['key_fraction_computed']:.2%}")
     print(f"bench: wrote {args.out}")
     return 0
 
@@ -183,6 +182,7 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--out", required=True, help="JSON output file")
     s.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384], help="sequence lengths")
     s.add_argument("--heads", type=int, default=2, help="attention heads")
+    s.add_argument("--kv-heads", type=int, help="key/value heads (grouped-query attention, e.g. SmolLM2-135M: --heads 9 --kv-heads 3)")
     s.add_argument("--head-dim", type=int, default=32, help="head dimension")
     s.add_argument("--repeats", type=int, default=3, help="timed repeats (the minimum is reported)")
     s.add_argument("--chunk", type=int, help="sink attention query chunk (default: pipeline.attention.sink_kernel.CHUNK)")

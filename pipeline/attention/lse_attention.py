@@ -16,6 +16,8 @@ queries against that head's keys), so keys are never repeated per query head.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -45,17 +47,25 @@ class _Flat:
 
     def __init__(self, plan: SinkPlan, q, k, v):
         B, H, T, D = q.shape
-        self.H, self.hkv, self.D, self.C = H, k.shape[1], D, plan.chunk
+        self.H, self.hkv, self.D, self.C, self.P, self.T = H, k.shape[1], D, plan.chunk, plan.P, T
         self.q, self.k, self.v = (x.transpose(1, 2).reshape(B * T, -1) for x in (q, k, v))
         self.real = plan.real_queries  # (B·P,) padded query → its row in (B·T) (a padded one: the row's last)
 
-    def chunk_queries(self, x: torch.Tensor, qi: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` ``(N, H·F)`` at rows ``qi`` (n·C,) of n chunks → ``(n, Hkv, g·C, F)``; entries ``zero`` of ``qi``
-        (padded queries, whose output gradient is 0) zeroed."""
-        rows = x.index_select(0, qi)
-        if zero is not None and zero.numel():
-            rows.index_fill_(0, zero, 0)
+    def chunk_queries(self, x: torch.Tensor, ids: torch.Tensor, real: bool = False) -> torch.Tensor:
+        """``x`` ``(N, H·F)`` at the queries of the chunks ``ids`` (n,) → ``(n, Hkv, g·C, F)``. Rows of ``x`` are
+        padded positions (B·P), or real queries (B·T) when ``real``: then padded queries (the last chunk of a row
+        whose T is not a multiple of C) are zeroed, as their output gradient is 0."""
+        if real and self.P != self.T:
+            qi = _queries(ids, self.C)
+            rows = x.index_select(0, self.real[qi])
+            rows.index_fill_(0, (qi % self.P >= self.T).nonzero().squeeze(1), 0)
+        else:  # chunk i = rows [i·C, (i+1)·C): one gathered row of C·H·F per chunk
+            rows = x.reshape(-1, self.C * x.shape[1]).index_select(0, ids)
         return _fold(rows.view(-1, self.C, self.H, x.shape[1] // self.H), self.hkv)
+
+    def put_chunks(self, dst: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> None:
+        """``dst`` ``(B·P, H·F)`` at the queries of chunks ``ids`` ← ``x`` ``(n, Hkv, g·C, F)``."""
+        dst.view(-1, self.C * dst.shape[1]).index_copy_(0, ids, _unfold(x, self.C).reshape(ids.numel(), -1).to(dst.dtype))
 
     def keys(self, idx: torch.Tensor, n: int):
         """Keys and values at flat positions ``idx`` (n·w,) → ``(n, Hkv, w, D)`` each."""
@@ -71,10 +81,20 @@ def _queries(ids: torch.Tensor, C: int) -> torch.Tensor:
     return (ids[:, None] * C + torch.arange(C, device=ids.device)).flatten()
 
 
-def _shared_rows(plan: SinkPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded and real positions of every query of the shared blocks, in block order."""
-    padded = torch.cat([torch.arange(q0, q1) for q0, q1, *_ in plan.shared])
-    return padded, plan.real_queries[padded]
+def _shared_backward(do, q, k, v, out, lse, scale: float, threads: int | None = None):
+    """The fused op's backward of one shared part: ``do, q, out`` ``(1, Hkv, M, D)``, ``k, v`` ``(1, Hkv, n, D)``,
+    ``lse`` ``(1, Hkv, M)``. The op parallelises its backward over batch × heads only, so with Hkv heads on t
+    threads (SmolLM2: 3 on 2) some threads would idle; the M queries are split into s pieces run as a batch of s
+    against the same keys (each piece's key gradients summed), s·Hkv a multiple of t."""
+    hkv, M = q.shape[1], q.shape[2]
+    t = threads or torch.get_num_threads()
+    s = t // math.gcd(hkv, t)
+    if s == 1 or M % s or M // s < 256:
+        return _attn_backward(do, q, k, v, out, lse.contiguous(), 0.0, False, scale=scale)
+    split = lambda t: t.view(hkv, s, M // s, -1).transpose(0, 1)  # (1, Hkv, M, F) → (s, Hkv, M/s, F)
+    gq, gk, gv = _attn_backward(split(do), split(q), k.expand(s, -1, -1, -1), v.expand(s, -1, -1, -1), split(out),
+                                split(lse[..., None])[..., 0].contiguous(), 0.0, False, scale=scale)
+    return gq.transpose(0, 1).reshape(1, hkv, M, -1), gk.sum(0, keepdim=True), gv.sum(0, keepdim=True)
 
 
 class PlannedAttention(torch.autograd.Function):
@@ -82,30 +102,27 @@ class PlannedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: SinkPlan, scale: float):
         # q (B, H, T, D); k, v (B, Hkv, T, D) → (B, H, T, D)
         B, H, T, D = q.shape
-        C, g = plan.chunk, H // k.shape[1]
+        g = H // k.shape[1]
         x = _Flat(plan, q, k, v)
         out = torch.empty(B * plan.P, H * D, dtype=q.dtype, device=q.device)  # (B·P, H·D), queries padded per row
         lse = torch.empty(B * plan.P, H, dtype=torch.float32, device=q.device)  # (B·P, H)
         for j, (ids, keys, _) in enumerate(plan.buckets):
-            qi = _queries(ids, C)
             kb, vb = x.keys(keys, ids.numel())  # (n, Hkv, w, D)
-            o, l = _attn(x.chunk_queries(x.q, x.real[qi]), kb, vb, attn_mask=plan.additive_mask(j, q.dtype, g), scale=scale)
-            out.index_copy_(0, qi, _unfold(o, C).reshape(-1, H * D))
-            lse.index_copy_(0, qi, _unfold(l, C).float())
+            o, l = _attn(x.chunk_queries(x.q, ids, real=True), kb, vb, attn_mask=plan.additive_mask(j, q.dtype, g), scale=scale)
+            x.put_chunks(out, ids, o)
+            x.put_chunks(lse, ids, l[..., None])
         if plan.shared:
             ks, vs = x.keys(torch.cat([s for _, _, s, _ in plan.shared]), 1)  # (1, Hkv, sum n, D)
-            os, ls, at = [], [], 0
+            at = 0
             for q0, q1, s, r0 in plan.shared:
-                o, l = _attn(x.block(x.q, r0, r0 + q1 - q0), ks[:, :, at:at + s.numel()], vs[:, :, at:at + s.numel()], scale=scale)
-                at += s.numel()
-                os.append(_unfold(o, q1 - q0))  # (m, H, D)
-                ls.append(_unfold(l, q1 - q0).float())  # (m, H)
-            rows, _ = _shared_rows(plan)
-            o, l, l_b = torch.cat(os), torch.cat(ls), lse.index_select(0, rows)
-            l_all = torch.logaddexp(l, l_b)  # (m, H)
-            o_all = torch.exp(l - l_all)[..., None] * o + torch.exp(l_b - l_all)[..., None] * out.index_select(0, rows).view(-1, H, D)
-            out.index_copy_(0, rows, o_all.to(q.dtype).view(-1, H * D))
-            lse.index_copy_(0, rows, l_all)
+                m, n = q1 - q0, s.numel()
+                o, l = _attn(x.block(x.q, r0, r0 + m), ks[:, :, at:at + n], vs[:, :, at:at + n], scale=scale)
+                at += n
+                o, l = _unfold(o, m), _unfold(l, m).float()  # (m, H, D), (m, H)
+                o_b, l_b = out[q0:q1].view(m, H, D), lse[q0:q1]  # the block's chunk parts: merged into in place
+                l_all = torch.logaddexp(l, l_b)  # (m, H)
+                o_b.copy_(torch.exp(l - l_all)[..., None] * o + torch.exp(l_b - l_all)[..., None] * o_b)
+                l_b.copy_(l_all)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale
         return out.view(B, plan.P, H, D)[:, :T].transpose(1, 2)
@@ -115,34 +132,31 @@ class PlannedAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
         B, H, T, D = q.shape
-        C, g = plan.chunk, H // k.shape[1]
+        g = H // k.shape[1]
         x = _Flat(plan, q, k, v)
         do = dout.transpose(1, 2).reshape(B * T, H * D)
         dq = torch.empty(B * plan.P, H * D, dtype=q.dtype, device=q.device)  # every padded query in one chunk
         dk, dv = torch.zeros_like(x.k), torch.zeros_like(x.v)  # (B·T, Hkv·D)
         for j, (ids, keys, _) in enumerate(plan.buckets):
-            qi = _queries(ids, C)
-            ri = x.real[qi]
             kb, vb = x.keys(keys, ids.numel())
-            gq, gk, gv = _attn_backward(x.chunk_queries(do, ri, (qi % plan.P >= T).nonzero().squeeze(1)), x.chunk_queries(x.q, ri), kb, vb,
-                                        x.chunk_queries(out, qi), x.chunk_queries(lse, qi)[..., 0].contiguous(), 0.0, False,
+            gq, gk, gv = _attn_backward(x.chunk_queries(do, ids, real=True), x.chunk_queries(x.q, ids, real=True), kb, vb,
+                                        x.chunk_queries(out, ids), x.chunk_queries(lse, ids)[..., 0].contiguous(), 0.0, False,
                                         attn_mask=plan.additive_mask(j, q.dtype, g), scale=scale)
-            dq.index_copy_(0, qi, _unfold(gq, C).reshape(-1, H * D))
+            x.put_chunks(dq, ids, gq)
             dk.index_add_(0, keys, gk.transpose(1, 2).reshape(-1, dk.shape[1]))
             dv.index_add_(0, keys, gv.transpose(1, 2).reshape(-1, dv.shape[1]))
         if plan.shared:
             keys = torch.cat([s for _, _, s, _ in plan.shared])
             ks, vs = x.keys(keys, 1)  # (1, Hkv, sum n, D)
             gks, gvs = torch.empty_like(ks), torch.empty_like(vs)
-            gqs, at = [], 0
+            at = 0
             for q0, q1, s, r0 in plan.shared:
                 n, r1 = s.numel(), r0 + q1 - q0
-                gq, gks[:, :, at:at + n], gvs[:, :, at:at + n] = _attn_backward(
+                gq, gks[:, :, at:at + n], gvs[:, :, at:at + n] = _shared_backward(
                     x.block(do, r0, r1), x.block(x.q, r0, r1), ks[:, :, at:at + n], vs[:, :, at:at + n],
-                    x.block(out, q0, q1), x.block(lse, q0, q1)[..., 0].contiguous(), 0.0, False, scale=scale)
-                gqs.append(_unfold(gq, q1 - q0).reshape(-1, H * D))
+                    x.block(out, q0, q1), x.block(lse, q0, q1)[..., 0], scale)
+                dq[q0:q1] += _unfold(gq, q1 - q0).reshape(-1, H * D)
                 at += n
-            dq.index_add_(0, _shared_rows(plan)[0], torch.cat(gqs))
             dk.index_add_(0, keys, gks[0].transpose(0, 1).reshape(-1, dk.shape[1]))
             dv.index_add_(0, keys, gvs[0].transpose(0, 1).reshape(-1, dv.shape[1]))
         dq = dq.view(B, plan.P, H, D)[:, :T].transpose(1, 2)

@@ -132,7 +132,8 @@ def _peak_rss_gb() -> float:
 
 
 def measure(method: str, T: int, heads: int, head_dim: int, episodes: list[list[int]], repeats: int,
-            chunk: int | None = None, threads: int | None = None, layout: str = "conversation") -> dict:
+            chunk: int | None = None, threads: int | None = None, layout: str = "conversation",
+            kv_heads: int | None = None) -> dict:
     """Forward + backward seconds (min over ``repeats``) of one method on one conversation of T tokens. The
     sink method's time includes building its per-batch plan (done once per batch, shared by all layers)."""
     import torch.nn.functional as F
@@ -149,8 +150,10 @@ def measure(method: str, T: int, heads: int, head_dim: int, episodes: list[list[
         batch = packed_batch(episodes, T)
     else:
         batch = conversation_batch([n for ep in episodes for n in ep], T)
-    q, k, v = (torch.randn(1, heads, T, head_dim, requires_grad=True) for _ in range(3))  # (B, H, T, D)
-    grad = torch.randn(1, heads, T, head_dim)
+    kv_heads = kv_heads or heads
+    q = torch.randn(1, heads, T, head_dim, requires_grad=True)  # (B, H, T, D)
+    k, v = (torch.randn(1, kv_heads, T, head_dim, requires_grad=True) for _ in range(2))  # (B, Hkv, T, D)
+    grad = torch.randn(1, heads, T, head_dim)  # (B, H, T, D)
     scale = head_dim ** -0.5
     params = MaskParams()  # the dialogue mask reads none; the same object for both masked methods
     base_rss = _rss_gb()
@@ -162,17 +165,19 @@ def measure(method: str, T: int, heads: int, head_dim: int, episodes: list[list[
         if method == "sink":
             attn = SinkAttention(batch, params, chunk=chunk or CHUNK)
             plan_times.append(time.perf_counter() - t0)
-            extra["key_fraction_computed"] = attn.keys_computed / attn.keys_dense
-            extra["mask_fraction"] = attn.pairs_allowed / (T * T)  # allowed pairs
             out = attn(q, k, v, scale)
         elif method == "dense_mask":
             out = DenseMaskAttention(dense_mask(DIALOGUE, batch, params))(q, k, v, scale)  # the T×T mask built in the timing
         elif method == CAUSAL:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            kr, vr = (k, v) if kv_heads == heads else (x.repeat_interleave(heads // kv_heads, 1) for x in (k, v))  # GQA: faster here than enable_gqa
+            out = F.scaled_dot_product_attention(q, kr, vr, is_causal=True, scale=scale)
         else:
             raise ValueError(f"unknown method {method!r}")
         out.backward(grad)
         times.append(time.perf_counter() - t0)
+        if method == "sink":  # bench bookkeeping (sums every bucket's mask), outside the timing
+            extra["key_fraction_computed"] = attn.keys_computed / attn.keys_dense
+            extra["mask_fraction"] = attn.pairs_allowed / (T * T)  # allowed pairs
         q.grad = k.grad = v.grad = None
         del out
     if plan_times:
@@ -194,7 +199,7 @@ def _run_isolated(args: dict) -> dict:
 
 def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_dim: int = 32, repeats: int = 3,
                     data_dir: str | None = None, chunk: int | None = None, threads: int | None = None,
-                    methods=METHODS, layout: str = "conversation") -> dict:
+                    methods=METHODS, layout: str = "conversation", kv_heads: int | None = None) -> dict:
     """Sink attention vs dense-mask SDPA vs plain causal SDPA (``is_causal=True``), forward + backward, fp32, at each
     length of ``seq_lens``; writes and returns the JSON. ``layout``: ``conversation`` = one MSC-shaped conversation
     of T tokens (its EoU sinks grow with T: the sink part of the work is about T²/(2·L) pairs for utterances of L
@@ -211,11 +216,11 @@ def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_di
         for method in methods:
             rows.append(_run_isolated({"method": method, "T": T, "heads": heads, "head_dim": head_dim,
                                        "episodes": episodes, "repeats": repeats, "chunk": chunk,
-                                       "threads": threads, "layout": layout}))
+                                       "threads": threads, "layout": layout, "kv_heads": kv_heads}))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "all_seconds"}), flush=True)
     summary, scaling = summarize(rows, seq_lens)
     mean_len = sum(lengths) / len(lengths)
-    result = {"setting": {"heads": heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "repeats": repeats,
+    result = {"setting": {"heads": heads, "kv_heads": kv_heads or heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "repeats": repeats,
                           "timing": "forward + backward, min over repeats; sink includes building its plan",
                           "mask": DIALOGUE, "chunk": chunk or CHUNK, "layout": layout,
                           "episodes_sampled": len(episodes),

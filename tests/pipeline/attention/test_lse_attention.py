@@ -42,3 +42,21 @@ def test_no_grad_and_the_models_layout_give_the_same_output():
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(out2, as_model, g)):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_shared_backward_split_for_idle_threads_gives_the_ops_own_gradients():
+    """A shared part's backward split into query pieces (3 key heads on 2 or 4 threads) gives exactly what one
+    call of the fused op gives, on the model's strided layout and with grouped queries folded in."""
+    from pipeline.attention.lse_attention import _attn, _attn_backward, _shared_backward
+
+    g = torch.Generator().manual_seed(3)
+    hkv, M, n, D = 3, 1024, 70, 16
+    q, do = (torch.randn(1, M, hkv, D, generator=g).transpose(1, 2) for _ in range(2))  # (1, Hkv, M, D), strided
+    k, v = (torch.randn(1, hkv, n, D, generator=g) for _ in range(2))
+    out, lse = _attn(q, k, v, scale=0.25)
+    whole = _attn_backward(do, q, k, v, out, lse, 0.0, False, scale=0.25)
+    for threads in (2, 4):
+        split = _shared_backward(do, q, k, v, out, lse, 0.25, threads=threads)
+        for name, a, b in zip("qkv", split, whole):
+            assert a.shape == b.shape, name
+            assert torch.allclose(a, b, atol=1e-5), f"d{name} on {threads} threads"

@@ -12,10 +12,12 @@ from tests.repo import REPO
 def test_bench_attention_writes_json(tmp_path, shared_data):
     out = tmp_path / "attn.json"
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "attention", "--out", str(out), "--seq-lens", "512",
-                           "1024", "--repeats", "1", "--heads", "1", "--head-dim", "8"], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+                           "1024", "--repeats", "1", "--heads", "2", "--kv-heads", "1", "--head-dim", "8"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
+    assert (result["setting"]["heads"], result["setting"]["kv_heads"]) == (2, 1)  # grouped-query attention, as SmolLM2
+    assert not any("error" in r for r in result["rows"])
     assert [r["T"] for r in result["summary"]] == [512, 1024]  # above the 128-query chunk
     for r in result["summary"]:
         assert r["sink_s"] > 0 and r["dense_mask_s"] > 0 and r["causal_s"] > 0
