@@ -55,17 +55,30 @@ class _Flat:
         """``x`` ``(N, H·F)`` at the queries of the chunks ``ids`` (n,) → ``(n, Hkv, g·C, F)``. Rows of ``x`` are
         padded positions (B·P), or real queries (B·T) when ``real``: then padded queries (the last chunk of a row
         whose T is not a multiple of C) are zeroed, as their output gradient is 0."""
+        n, F_ = ids.numel(), x.shape[1] // self.H
+        if self.H == self.hkv and not (real and self.P != self.T):  # chunk i = rows [i·C, (i+1)·C): one row per chunk
+            return _fold(x.reshape(-1, self.C * x.shape[1]).index_select(0, ids).view(n, self.C, self.H, F_), self.hkv)
+        pos = _queries(ids, self.C)  # (n·C,)
+        idx = self._head_rows(self.real[pos] if real and self.P != self.T else pos, n)  # (n, Hkv, g, C)
+        out = x.reshape(-1, F_).index_select(0, idx.flatten()).view(n, self.hkv, -1, self.C, F_)  # gathered folded
         if real and self.P != self.T:
-            qi = _queries(ids, self.C)
-            rows = x.index_select(0, self.real[qi])
-            rows.index_fill_(0, (qi % self.P >= self.T).nonzero().squeeze(1), 0)
-        else:  # chunk i = rows [i·C, (i+1)·C): one gathered row of C·H·F per chunk
-            rows = x.reshape(-1, self.C * x.shape[1]).index_select(0, ids)
-        return _fold(rows.view(-1, self.C, self.H, x.shape[1] // self.H), self.hkv)
+            out.masked_fill_((pos % self.P >= self.T).view(n, 1, 1, self.C, 1), 0)
+        return out.view(n, self.hkv, -1, F_)
 
     def put_chunks(self, dst: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> None:
         """``dst`` ``(B·P, H·F)`` at the queries of chunks ``ids`` ← ``x`` ``(n, Hkv, g·C, F)``."""
-        dst.view(-1, self.C * dst.shape[1]).index_copy_(0, ids, _unfold(x, self.C).reshape(ids.numel(), -1).to(dst.dtype))
+        n = ids.numel()
+        if self.H == self.hkv:
+            dst.view(-1, self.C * dst.shape[1]).index_copy_(0, ids, _unfold(x, self.C).reshape(n, -1).to(dst.dtype))
+        else:  # scattered from the folded layout: one copy, no unfold
+            idx = self._head_rows(_queries(ids, self.C), n)
+            dst.view(-1, dst.shape[1] // self.H).index_copy_(0, idx.flatten(), x.reshape(idx.numel(), -1).to(dst.dtype))
+
+    def _head_rows(self, pos: torch.Tensor, n: int) -> torch.Tensor:
+        """``(n, Hkv, g, C)`` rows of a ``(N·H, F)`` view for query positions ``pos`` (n·C,): query head kv·g + j
+        of a key head kv, in the folded order of ``_fold``."""
+        heads = torch.arange(self.H, device=pos.device).view(1, self.hkv, -1, 1)  # (1, Hkv, g, 1)
+        return pos.view(n, 1, 1, self.C) * self.H + heads
 
     def keys(self, idx: torch.Tensor, n: int):
         """Keys and values at flat positions ``idx`` (n·w,) → ``(n, Hkv, w, D)`` each."""
