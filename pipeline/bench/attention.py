@@ -151,9 +151,11 @@ def measure(method: str, T: int, heads: int, head_dim: int, episodes: list[list[
     else:
         batch = conversation_batch([n for ep in episodes for n in ep], T)
     kv_heads = kv_heads or heads
-    q = torch.randn(1, heads, T, head_dim, requires_grad=True)  # (B, H, T, D)
-    k, v = (torch.randn(1, kv_heads, T, head_dim, requires_grad=True) for _ in range(2))  # (B, Hkv, T, D)
-    grad = torch.randn(1, heads, T, head_dim)  # (B, H, T, D)
+    # (B, H, T, D) views of (B, T, H, D) memory, as a Llama layer passes them (heads split off the projection, then
+    # transposed) and as autograd hands back the output's gradient
+    q = torch.randn(1, T, heads, head_dim).transpose(1, 2).requires_grad_()  # (B, H, T, D)
+    k, v = (torch.randn(1, T, kv_heads, head_dim).transpose(1, 2).requires_grad_() for _ in range(2))  # (B, Hkv, T, D)
+    grad = torch.randn(1, T, heads, head_dim).transpose(1, 2)  # (B, H, T, D)
     scale = head_dim ** -0.5
     params = MaskParams()  # the dialogue mask reads none; the same object for both masked methods
     base_rss = _rss_gb()
@@ -221,6 +223,7 @@ def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_di
     summary, scaling = summarize(rows, seq_lens)
     mean_len = sum(lengths) / len(lengths)
     result = {"setting": {"heads": heads, "kv_heads": kv_heads or heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "repeats": repeats,
+                          "inputs": "(B, H, T, D) views of (B, T, H, D) memory, as a Llama layer passes them",
                           "timing": "forward + backward, min over repeats; sink includes building its plan",
                           "mask": DIALOGUE, "chunk": chunk or CHUNK, "layout": layout,
                           "episodes_sampled": len(episodes),

@@ -77,3 +77,13 @@ def test_bucket_widths_hold_every_chunk_with_little_padding():
     assert padded < 1.05 * int(counts.sum()) < 300 * len(counts)
     assert bucket_widths(torch.tensor([7, 7, 7])) == [7]
     assert bucket_widths(counts, max_buckets=1) == [300]
+
+
+@pytest.mark.parametrize("dtype,group", [(torch.float32, 1), (torch.bfloat16, 3)])
+def test_additive_mask_is_zero_where_allowed_and_minus_inf_elsewhere(dtype, group):
+    plan = SinkPlan(random_packed_batch(len(KINDS), 300, KINDS, seed=3, max_utt_len=15), PARAMS, chunk=16, shared=64)
+    for j, (ids, _, m) in enumerate(plan.buckets):
+        add = plan.additive_mask(j, dtype, group)  # (n, 1, group·chunk, w)
+        assert add.dtype == dtype and add.shape == (m.shape[0], 1, group * m.shape[1], m.shape[2])
+        want = m.repeat(1, group, 1)[:, None]  # the chunk's rows once per query head of the group
+        assert torch.equal(add == 0, want) and torch.equal(add == float("-inf"), ~want)
