@@ -97,13 +97,12 @@ def cmd_chat(args) -> int:
 
 
 def cmd_bench_attention(args) -> int:
-    from pipeline.bench.attention import bench_attention
+    from pipeline.bench.attention import bench_attention, summary_line
 
     result = bench_attention(args.out, seq_lens=tuple(args.seq_lens), heads=args.heads, head_dim=args.head_dim, repeats=args.repeats,
                              chunk=args.chunk, threads=args.threads, layout=args.layout, kv_heads=args.kv_heads)
     for r in result["summary"]:
-        print(f"T={r['T']:>6}: sink {r['sink_s']:.3f}s  dense-mask {r['dense_mask_s']:.3f}s  causal {r['causal_s']:.3f}s  -> "
-              f"{r['speedup_vs_dense_mask']:.1f}x vs dense-mask, {r['speedup_vs_causal']:.1f}x vs causal, keys computed {r['key_fraction_computed']:.2%}")
+        print(summary_line(r))
     print(f"bench: wrote {args.out}")
     return 0
 

@@ -224,7 +224,8 @@ def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_di
     mean_len = sum(lengths) / len(lengths)
     result = {"setting": {"heads": heads, "kv_heads": kv_heads or heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "repeats": repeats,
                           "inputs": "(B, H, T, D) views of (B, T, H, D) memory, as a Llama layer passes them",
-                          "timing": "forward + backward, min over repeats; sink includes building its plan",
+                          "timing": "forward + backward, min over repeats (medians: over the repeats after the first); sink includes "
+                                    "building its plan",
                           "mask": DIALOGUE, "chunk": chunk or CHUNK, "layout": layout,
                           "episodes_sampled": len(episodes),
                           "mean_episode_tokens": sum(sum(ep) + len(ep) + 1 for ep in episodes) / len(episodes),
@@ -246,6 +247,12 @@ def summarize(rows: list[dict], seq_lens) -> tuple[list[dict], dict]:
     growth exponent of each method's time between consecutive lengths (1 = linear, 2 = quadratic)."""
     import math
 
+    import statistics
+
+    def warm_median(r: dict) -> float:  # the median of the runs after the first (a cold start for every method)
+        runs = r.get("all_seconds") or [r["seconds"]]
+        return statistics.median(runs[1:] or runs)
+
     by = {(r["method"], r["T"]): r for r in rows}
     summary = []
     for T in seq_lens:
@@ -256,6 +263,8 @@ def summarize(rows: list[dict], seq_lens) -> tuple[list[dict], dict]:
         summary.append({"T": T, "sink_s": s["seconds"], "dense_mask_s": d["seconds"], "causal_s": c["seconds"],
                         "sink_plan_s": s.get("plan_seconds"),
                         "speedup_vs_dense_mask": d["seconds"] / s["seconds"], "speedup_vs_causal": c["seconds"] / s["seconds"],
+                        "sink_median_s": warm_median(s), "causal_median_s": warm_median(c),
+                        "speedup_vs_causal_median": warm_median(c) / warm_median(s),
                         "sink_us_per_token": 1e6 * s["seconds"] / T, "key_fraction_computed": frac,
                         "mask_fraction": s.get("mask_fraction"),
                         "sink_ns_per_computed_pair": 1e9 * s["seconds"] / (frac * T * T) if frac else None,
@@ -267,6 +276,13 @@ def summarize(rows: list[dict], seq_lens) -> tuple[list[dict], dict]:
         r = math.log(b["T"] / a["T"])
         scaling[f"{a['T']}->{b['T']}"] = {m: math.log(b[f"{m}_s"] / a[f"{m}_s"]) / r for m in METHODS}
     return summary, scaling
+
+
+def summary_line(r: dict) -> str:
+    """One summary row as the command prints it."""
+    return (f"T={r['T']:>6}: sink {r['sink_s']:.3f}s  dense-mask {r['dense_mask_s']:.3f}s  causal {r['causal_s']:.3f}s  -> "
+            f"{r['speedup_vs_dense_mask']:.1f}x vs dense-mask, {r['speedup_vs_causal']:.1f}x vs causal "
+            f"({r['speedup_vs_causal_median']:.1f}x by medians), keys computed {r['key_fraction_computed']:.2%}")
 
 
 def format_summary(result: dict) -> str:
