@@ -286,6 +286,6 @@ class SinkPlan:
         if key not in self._additive:
             m = self.buckets[j][2]
             # 0 / -inf as (m - 1) / 0 with its 0/0 = nan set to 0: exact, and about 2.5x faster here than torch.where
-            add = m.to(dtype).sub_(1).div_(0.0).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+            add = m.to(dtype).sub_(1).div_(0.0).nan_to_num_(nan=0.0, neginf=float("-inf"))  # (m - 1) is -1 or 0: no +inf
             self._additive[key] = add[:, None, None].expand(-1, 1, group, -1, -1).reshape(m.shape[0], 1, group * self.chunk, -1)
         return self._additive[key]
