@@ -285,20 +285,5 @@ def summary_line(r: dict) -> str:
             f"({r['speedup_vs_causal_median']:.1f}x by medians), keys computed {r['key_fraction_computed']:.2%}")
 
 
-def format_summary(result: dict) -> str:
-    """A Markdown table of the summary (for the README)."""
-    lines = ["| T | sink (s) | dense-mask SDPA (s) | causal SDPA (s) | vs dense-mask | vs causal | pairs computed "
-             "(mask allows) | peak RSS sink / dense-mask / causal (GB) | work's own peak sink / dense-mask / causal (MB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["summary"]:
-        lines.append(f"| {r['T']} | {r['sink_s']:.3f} | {r['dense_mask_s']:.3f} | {r['causal_s']:.3f} | "
-                     f"{r['speedup_vs_dense_mask']:.1f}x | {r['speedup_vs_causal']:.1f}x | {r['key_fraction_computed']:.2%} "
-                     f"({r['mask_fraction']:.2%}) | "
-                     f"{r['sink_peak_rss_gb']:.2f} / {r['dense_mask_peak_rss_gb']:.2f} / {r['causal_peak_rss_gb']:.2f} | "
-                     f"{1024 * r['sink_peak_rss_delta_gb']:.0f} / {1024 * r['dense_mask_peak_rss_delta_gb']:.0f} / "
-                     f"{1024 * r['causal_peak_rss_delta_gb']:.0f} |")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__" and sys.argv[1:] == ["_measure"]:
     print(json.dumps(measure(**json.loads(sys.stdin.read()))))

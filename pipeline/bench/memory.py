@@ -328,6 +328,14 @@ def plot_memory(result: dict, path: str) -> None:
     axes[0].axhline(result["setting"]["cap_gb"], color="k", linestyle="--", label="cap")
     axes[0].set(xlabel="T (tokens)", ylabel="peak RSS (GB)", title="one training step: peak memory", xscale="log", yscale="log")
     axes[1].set(xlabel="T (tokens)", ylabel="tokens/s", title="one training step: throughput", xscale="log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    lengths = sorted({p["T"] for p in result["points"]})
+    for ax in axes:  # ticks at the measured lengths ("2,048"), not matplotlib's overlapping minor labels ("3x10^3")
+        ax.set_xticks(lengths, [f"{t:,}" for t in lengths], rotation=30)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    axes[0].yaxis.set_major_formatter(ScalarFormatter())
+    axes[0].yaxis.set_minor_formatter(ScalarFormatter())
     axes[0].legend()
     fig.suptitle(f"{result['setting']['model']} (random init), fp32, AdamW, cpu x{result['setting']['cpu_count']}")
     fig.tight_layout()
