@@ -147,6 +147,11 @@ def collect(stream, cfg: DataConfig, bar: Progress) -> pa.Table:
     return concat_pieces(tables)
 
 
+def split_windows(counts: dict) -> int:
+    """Windows of the dialogues that were split (every other kept dialogue is one window)."""
+    return counts["windows"] - (counts["dialogues"] - counts["dialogues_split"])
+
+
 def _count(pieces: pa.Table, metas: list[dict]) -> tuple[dict, list[dict]]:
     """Counts over the pieces: every record is kept or rejected; every token is in a window or rejected."""
     error = pieces["error"].to_numpy(zero_copy_only=False)
@@ -386,5 +391,5 @@ def _prepare_into(paths, metas, tmp, cfg: DataConfig, tokenizer, ids, fp, digest
         dist = counts["dialogue_tokens"]
         print(f"prep: dialogue tokens min {dist['min']:,} p50 {dist['p50']:,} p90 {dist['p90']:,} p99 {dist['p99']:,} "
               f"max {dist['max']:,}; {counts['dialogues_split']:,} of {counts['dialogues']:,} dialogues split "
-              f"(seq_len {cfg.seq_len:,}) into {counts['windows']:,} windows", flush=True)
+              f"(seq_len {cfg.seq_len:,}) into {split_windows(counts):,} windows", flush=True)
     return manifest

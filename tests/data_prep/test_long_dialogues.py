@@ -112,4 +112,6 @@ def test_prep_summary_has_one_line_with_the_distribution_and_the_split_count(lon
     lines = [line for line in capsys.readouterr().out.splitlines() if "dialogue tokens" in line]
     assert lines == [f"prep: dialogue tokens min {d['min']:,} p50 {d['p50']:,} p90 {d['p90']:,} p99 {d['p99']:,} "
                      f"max {d['max']:,}; {c['dialogues_split']:,} of {c['dialogues']:,} dialogues split "
-                     f"(seq_len 2,048) into {c['windows']:,} windows"]
+                     f"(seq_len 2,048) into {c['windows'] - (c['dialogues'] - c['dialogues_split']):,} windows"]
+    assert 0 < c["dialogues_split"] < c["dialogues"], "split and whole dialogues both: the count names the split ones' windows"
+    assert c["windows"] - (c["dialogues"] - c["dialogues_split"]) >= 2 * c["dialogues_split"]
