@@ -100,7 +100,7 @@ def cmd_bench_attention(args) -> int:
     from pipeline.bench.attention import bench_attention, summary_line
 
     result = bench_attention(args.out, seq_lens=tuple(args.seq_lens), heads=args.heads, head_dim=args.head_dim, repeats=args.repeats,
-                             chunk=args.chunk, threads=args.threads, layout=args.layout, kv_heads=args.kv_heads)
+                             chunk=args.chunk, threads=args.threads, layout=args.layout, kv_heads=args.kv_heads, rounds=args.rounds)
     for r in result["summary"]:
         print(summary_line(r))
     print(f"bench: wrote {args.out}")
@@ -183,7 +183,8 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--heads", type=int, default=2, help="attention heads")
     s.add_argument("--kv-heads", type=int, help="key/value heads (grouped-query attention, e.g. SmolLM2-135M: --heads 9 --kv-heads 3)")
     s.add_argument("--head-dim", type=int, default=32, help="head dimension")
-    s.add_argument("--repeats", type=int, default=3, help="timed repeats (the minimum is reported)")
+    s.add_argument("--repeats", type=int, default=3, help="timed repeats per round (the minimum is reported)")
+    s.add_argument("--rounds", type=int, default=1, help="the methods take turns this many times per length (runs spread over the same minutes)")
     s.add_argument("--chunk", type=int, help="sink attention query chunk (default: pipeline.attention.sink_kernel.CHUNK)")
     s.add_argument("--threads", type=int, help="torch threads per measurement (default: torch's; 1 is steadier on a shared CPU)")
     s.add_argument("--layout", choices=["conversation", "packed"], default="conversation",

@@ -199,15 +199,39 @@ def _run_isolated(args: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def merge_rounds(parts: list[dict]) -> dict:
+    """One row from the rounds of one method × length (each its own process): the minimum over every run, the runs
+    in order (``all_seconds``), those after each round's first, cold, run (``warm_seconds``), the largest peaks."""
+    errors = [p for p in parts if "error" in p]
+    if errors:
+        return errors[0]
+    row = dict(parts[0])
+    row["all_seconds"] = [t for p in parts for t in p["all_seconds"]]
+    row["warm_seconds"] = [t for p in parts for t in p["all_seconds"][1:]]
+    row["seconds"] = min(row["all_seconds"])
+    row["rounds"] = len(parts)
+    for key in ("peak_rss_gb", "peak_rss_delta_gb"):
+        row[key] = max(p[key] for p in parts)
+    row["peak_reset"] = all(p["peak_reset"] for p in parts)
+    if "plan_seconds" in row:
+        row["plan_seconds"] = min(p["plan_seconds"] for p in parts)
+    return row
+
+
 def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_dim: int = 32, repeats: int = 3,
                     data_dir: str | None = None, chunk: int | None = None, threads: int | None = None,
-                    methods=METHODS, layout: str = "conversation", kv_heads: int | None = None) -> dict:
+                    methods=METHODS, layout: str = "conversation", kv_heads: int | None = None, rounds: int = 1) -> dict:
     """Sink attention vs dense-mask SDPA vs plain causal SDPA (``is_causal=True``), forward + backward, fp32, at each
     length of ``seq_lens``; writes and returns the JSON. ``layout``: ``conversation`` = one MSC-shaped conversation
     of T tokens (its EoU sinks grow with T: the sink part of the work is about T²/(2·L) pairs for utterances of L
-    tokens); ``packed`` = real MSC episodes packed into T, as training sees them (work per token bounded)."""
+    tokens); ``packed`` = real MSC episodes packed into T, as training sees them (work per token bounded).
+    ``rounds``: at each length the methods run in turn ``rounds`` times (``repeats`` runs each time, a fresh process
+    each), so every method's runs are spread over the same minutes instead of one method's few seconds: a slow spell
+    of this shared machine then falls on all methods alike."""
     if layout not in ("conversation", "packed"):
         raise ValueError(f"layout must be 'conversation' or 'packed', not {layout!r}")
+    if rounds < 1 or repeats < 1:
+        raise ValueError(f"rounds and repeats must be at least 1, not {rounds} and {repeats}")
     from pipeline.attention.sink_kernel import CHUNK
 
     episodes = msc_episode_lengths(data_dir)
@@ -215,17 +239,21 @@ def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_di
     load_at_start = os.getloadavg()[0]
     rows = []
     for T in seq_lens:
+        parts = {method: [] for method in methods}
+        for _ in range(rounds):
+            for method in methods:
+                parts[method].append(_run_isolated({"method": method, "T": T, "heads": heads, "head_dim": head_dim,
+                                                    "episodes": episodes, "repeats": repeats, "chunk": chunk,
+                                                    "threads": threads, "layout": layout, "kv_heads": kv_heads}))
         for method in methods:
-            rows.append(_run_isolated({"method": method, "T": T, "heads": heads, "head_dim": head_dim,
-                                       "episodes": episodes, "repeats": repeats, "chunk": chunk,
-                                       "threads": threads, "layout": layout, "kv_heads": kv_heads}))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "all_seconds"}), flush=True)
+            rows.append(merge_rounds(parts[method]))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("all_seconds", "warm_seconds")}), flush=True)
     summary, scaling = summarize(rows, seq_lens)
     mean_len = sum(lengths) / len(lengths)
-    result = {"setting": {"heads": heads, "kv_heads": kv_heads or heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "repeats": repeats,
+    result = {"setting": {"heads": heads, "kv_heads": kv_heads or heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "repeats": repeats, "rounds": rounds,
                           "inputs": "(B, H, T, D) views of (B, T, H, D) memory, as a Llama layer passes them",
-                          "timing": "forward + backward, min over repeats (medians: over the repeats after the first); sink includes "
-                                    "building its plan",
+                          "timing": "forward + backward, min over every run (medians: over the runs after each round's first); "
+                                    "sink includes building its plan; the methods take turns, one round after another",
                           "mask": DIALOGUE, "chunk": chunk or CHUNK, "layout": layout,
                           "episodes_sampled": len(episodes),
                           "mean_episode_tokens": sum(sum(ep) + len(ep) + 1 for ep in episodes) / len(episodes),
@@ -249,7 +277,9 @@ def summarize(rows: list[dict], seq_lens) -> tuple[list[dict], dict]:
 
     import statistics
 
-    def warm_median(r: dict) -> float:  # the median of the runs after the first (a cold start for every method)
+    def warm_median(r: dict) -> float:  # the median of the runs after each round's first (a cold start for every method)
+        if r.get("warm_seconds"):
+            return statistics.median(r["warm_seconds"])
         runs = r.get("all_seconds") or [r["seconds"]]
         return statistics.median(runs[1:] or runs)
 
