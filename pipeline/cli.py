@@ -125,7 +125,6 @@ def cmd_bench_prep(args) -> int:
 
 def cmd_bench_prep_scale(args) -> int:
     import shlex
-
     from pipeline.bench.prep_scale import bench_prep_scale
 
     args.out = args.out or "bench/prep_scale_cpu.json"
@@ -226,9 +225,10 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--resume", action="store_true", help="keep the points already in --out and run the rest")
     s.add_argument("--keep-freed-memory", action="store_true", help="leave glibc's malloc at its defaults (see README)")
     s.set_defaults(fn=cmd_bench_memory)
-    from pipeline.bench.method import add_method_parser  # `convsink bench method`
+    from pipeline.bench import gpu, method  # `convsink bench gpu`, `convsink bench method`
 
-    add_method_parser(inner)
+    method.add_method_parser(inner)
+    gpu.add_gpu_parser(inner)
     return inner
 
 

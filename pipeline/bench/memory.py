@@ -62,33 +62,56 @@ def model_folder(model: str) -> str:
     return tiny_model_dir() if model == "tiny" else resolve_model_path(model)
 
 
-def conversation_row(T: int, data_dir: str | None = None) -> dict:
-    """A batch of one row of exactly T tokens: ``[BOS] u1 EoU u2 EoU ...`` of real MSC utterances (all sessions of
-    each episode, episodes back to back, cycled), with its metadata and next-token targets."""
-    from data_prep.layout import layout_dialogue
+def conversation_source(data_dir: str | None = None, n_utterances: int = MSC_UTTERANCES) -> dict:
+    """The bench conversation's ingredients: token ids of real MSC utterances (all sessions of each episode, episodes
+    back to back, SmolLM2 tokenizer) and the layout's special ids, as JSON-ready lists (``bench gpu`` caches them
+    in a file, so a machine without the data or the tokenizer can build the same rows)."""
     from data_prep.tokenizer_loading import load_tokenizer, prepare_tokenizer
     from pipeline.bench.inference import long_conversation
 
     tok = load_tokenizer("smollm2")
     ids = prepare_tokenizer(tok)
-    utts = long_conversation(tok, data_dir or shared_data_dir(), min(MSC_UTTERANCES, T // 4 + 8))  # cycled below
+    return {"utterances": long_conversation(tok, data_dir or shared_data_dir(), n_utterances),
+            "special_ids": {name: value for name, value in vars(ids).items() if isinstance(value, int)}}  # bos, eou, pad
+
+
+def row_from_source(source: dict, T: int) -> dict:
+    """A batch of one row of exactly T tokens, ``[BOS] u1 EoU u2 EoU ...`` of ``source``'s utterances (cycled), with
+    its metadata and next-token targets."""
+    from data_prep.layout import layout_dialogue
+    from data_prep.tokenizer_loading import SpecialIds
+
+    utts = source["utterances"]
     tokens = sum(len(u) + 1 for u in utts)
-    row = layout_dialogue("bench", utts * (T // tokens + 1), ids)
+    row = layout_dialogue("bench", utts * (T // tokens + 1), SpecialIds(**source["special_ids"]))
     cut = {c: torch.tensor([getattr(row, c)[:T]]) for c in (INPUT_IDS, LABELS, UTT_IDS, EOU, BLK)}
     return {**cut, DOC_IDS: torch.zeros(1, T, dtype=torch.long), POSITION_IDS: torch.arange(T)[None],
             TARGETS: targets_from_labels(cut[LABELS]), MASK_KIND: [DIALOGUE]}
+
+
+def conversation_row(T: int, data_dir: str | None = None) -> dict:
+    """A batch of one row of exactly T tokens: ``[BOS] u1 EoU u2 EoU ...`` of real MSC utterances (all sessions of
+    each episode, episodes back to back, cycled), with its metadata and next-token targets."""
+    return row_from_source(conversation_source(data_dir, min(MSC_UTTERANCES, T // 4 + 8)), T)
 
 
 def step_loss(model, batch: dict, config: str, loss_chunk: int) -> torch.Tensor:
     """Mean next-token NLL of ``batch`` under ``config`` (its attention built here, once per batch, as in training)."""
     from pipeline.attention.masks import MaskParams
     from pipeline.attention.registry import prepare_attention
-    from pipeline.training.losses import token_nll
-    from pipeline.training.tiled_loss import tiled_token_nll
 
     impl, _, tiled = CONFIGS[config]
     attn = CausalSDPA() if impl == "causal_sdpa" else prepare_attention(batch, impl, MaskParams())
-    none = torch.zeros(0, dtype=torch.long)
+    return loss_with(model, batch, attn, tiled, loss_chunk)
+
+
+def loss_with(model, batch: dict, attn, tiled: bool, loss_chunk: int) -> torch.Tensor:
+    """Mean next-token NLL of ``batch`` with the per-batch attention callable ``attn``; ``tiled``: the output layer
+    and cross-entropy in chunks of ``loss_chunk`` tokens (``tiled_token_nll``), else on the whole (T, V) logits."""
+    from pipeline.training.losses import token_nll
+    from pipeline.training.tiled_loss import tiled_token_nll
+
+    none = torch.zeros(0, dtype=torch.long, device=batch[INPUT_IDS].device)
     extra = {"logits_to_keep": none, "output_hidden_states": True} if tiled else {}
     out = model(input_ids=batch[INPUT_IDS], position_ids=batch[POSITION_IDS], convsink_attn=attn, use_cache=False, **extra)
     if tiled:
