@@ -29,12 +29,14 @@ query in utterance i of a dialogue with utterances of L tokens computes about ``
 CUDA path (``FlexSinkAttention``): FlexAttention with a BlockMask built once per batch from the same predicates.
 Keys are permuted per row so the sinks form one contiguous run at the front (``[sinks | the rest]``): the scattered
 EoU columns become a few dense blocks and the rest of the mask is banded, so most 128×128 blocks are skipped. The
-BlockMask is built block-row by block-row (never a T×T tensor).
+BlockMask evaluates the predicate only on the blocks that may hold an allowed pair (``candidate_blocks``: the sink
+blocks and the band's blocks of each query block), never on a T×T tensor.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.attention.lse_attention import planned_attention
 from pipeline.attention.masks import MaskParams, mask_mod
@@ -48,7 +50,7 @@ from pipeline.attention.sink_plan import (  # noqa: F401  (band_start, sink_keys
     row_meta,
     sink_keys,
 )
-from pipeline.contract import DOC_IDS, FLEX, MASK_KIND, SINK
+from pipeline.contract import BIGBIRD, DOC_IDS, FLEX, MASK_KIND, SINK
 
 
 class SinkAttention:
@@ -115,30 +117,59 @@ def mixed_mask_mod(batch: dict, params: MaskParams = MaskParams(), perm: torch.T
     return mod
 
 
-def block_mask_from_mod(mod, B: int, T: int, device=None, block: int = 128, rows: int = 1024):
-    """The BlockMask of ``mod`` (what ``create_block_mask(mod, B, None, T, T)`` builds), evaluated ``rows`` queries
-    at a time, so memory stays O(rows × T) instead of O(T²). ``mod.for_row(b)``, when present, is the same
-    predicate restricted to row b (cheaper: one mask kind per row)."""
+def candidate_blocks(batch: dict, params: MaskParams, perm: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``(B, nb, nb)`` bool: per row, the key blocks (of the keys permuted by ``perm``, sinks first) that may hold a
+    pair the mask allows for each query block; the rest are certainly empty. A pair needs ``pos(k) <= q`` and, for
+    a key outside the row's sink keys, ``pos(k) >= band_start(q)`` (``sink_plan.band_start``: every other visible
+    key lies in the band). So a query block ``[q0, q1]`` only meets key blocks whose smallest position is at most
+    ``q1`` and that hold a sink key or reach the block's smallest band start. BigBird rows (random keys outside
+    band and sinks) keep every block."""
+    meta = batch_meta(batch, params)
+    B, T = meta[DOC_IDS].shape
+    nb = -(-T // block)
+    out = torch.ones(B, nb, nb, dtype=torch.bool, device=perm.device)
+    pad = nb * block - T
+    for b, kind in enumerate(batch[MASK_KIND]):
+        if kind == BIGBIRD:
+            continue
+        row = row_meta(meta, b)
+        pos = perm[b]  # (T,) position of each permuted key
+        per_block = lambda x, fill: F.pad(x, (0, pad), value=fill).view(nb, block)  # (T,) -> (nb, block)
+        q_last = (torch.arange(1, nb + 1, device=pos.device) * block - 1).clamp(max=T - 1)  # (nb,)
+        q_start = per_block(band_start(kind, row, params), T).amin(1)  # (nb,) smallest band start of a query block
+        k_min, k_max = per_block(pos, T).amin(1), per_block(pos, -1).amax(1)  # (nb,) key positions of a key block
+        has_sink = per_block(sink_keys(kind, row, params)[pos], False).any(1)  # (nb,)
+        out[b] = (k_min[None, :] <= q_last[:, None]) & (has_sink[None, :] | (k_max[None, :] >= q_start[:, None]))
+    return out
+
+
+def block_mask_from_mod(mod, B: int, T: int, device=None, block: int = 128, rows: int = 1024,
+                        candidates: torch.Tensor | None = None):
+    """The BlockMask of ``mod`` (what ``create_block_mask(mod, B, None, T, T)`` builds), evaluated on ``rows``
+    queries' worth of blocks at a time, so memory stays O(rows × T) instead of O(T²). ``mod.for_row(b)``, when
+    present, is the same predicate restricted to row b (cheaper: one mask kind per row). ``candidates``
+    (``(B, nb, nb)`` bool, ``candidate_blocks``): only those blocks are evaluated, the others are empty."""
     from torch.nn.attention.flex_attention import BlockMask
 
     nb = -(-T // block)
-    kv = torch.arange(nb * block, device=device)
-    kv_ok = kv < T
+    ar = torch.arange(block, device=device)
     partial = torch.zeros(B, 1, nb, nb, dtype=torch.bool, device=device)
     full = torch.zeros_like(partial)
-    step = max(1, rows // block)
+    if candidates is None:
+        candidates = torch.ones(B, nb, nb, dtype=torch.bool, device=device)
+    step = max(1, rows * nb // max(1, block))  # blocks per evaluation: as many elements as `rows` queries × T keys
     for b in range(B):
-        bt = torch.full((1, 1), b, dtype=torch.long, device=device)
+        bt = torch.full((1, 1, 1), b, dtype=torch.long, device=device)
         row_mod = mod.for_row(b) if hasattr(mod, "for_row") else mod
-        for i0 in range(0, nb, step):
-            i1 = min(nb, i0 + step)
-            q = torch.arange(i0 * block, i1 * block, device=device)
-            m = row_mod(bt, torch.zeros_like(bt), q.view(-1, 1), kv.view(1, -1)) & (q < T).view(-1, 1) & kv_ok.view(1, -1)
-            m = m.view(i1 - i0, block, nb, block)  # (q blocks, block, kv blocks, block)
-            any_ = m.any(3).any(1)
-            all_ = m.all(3).all(1)
-            full[b, 0, i0:i1] = all_
-            partial[b, 0, i0:i1] = any_ & ~all_
+        ij = candidates[b].nonzero()  # (n, 2): query block, key block
+        for c0 in range(0, ij.shape[0], step):
+            i, j = ij[c0:c0 + step].unbind(1)
+            q = (i[:, None] * block + ar)[:, :, None]  # (n, block, 1)
+            kv = (j[:, None] * block + ar)[:, None, :]  # (n, 1, block)
+            m = row_mod(bt, torch.zeros_like(bt), q, kv) & (q < T) & (kv < T)  # (n, block, block)
+            any_, all_ = m.flatten(1).any(1), m.flatten(1).all(1)
+            full[b, 0, i, j] = all_
+            partial[b, 0, i, j] = any_ & ~all_
 
     def ordered(dense):  # (B, 1, nq, nk) bool → counts (B, 1, nq), block indices (B, 1, nq, nk), listed first
         return dense.sum(-1).to(torch.int32), torch.argsort((~dense).to(torch.int8), dim=-1, stable=True).to(torch.int32)
@@ -172,7 +203,8 @@ class FlexSinkAttention:
         B, T = doc.shape
         self.perm = sinks_first_permutation(batch, params) if permute else None  # (B, T)
         mod = mixed_mask_mod(batch, params, self.perm)
-        self.block_mask = block_mask_from_mod(mod, B, T, doc.device, block=block)
+        cand = candidate_blocks(batch, params, self.perm, block) if permute else None
+        self.block_mask = block_mask_from_mod(mod, B, T, doc.device, block=block, candidates=cand)
         self.compiled = doc.device.type == "cuda" if compiled is None else compiled
 
     def __call__(self, query, key, value, scaling):

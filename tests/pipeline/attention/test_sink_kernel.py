@@ -15,6 +15,7 @@ from pipeline.attention.sink_kernel import (
     FlexSinkAttention,
     SinkAttention,
     block_mask_from_mod,
+    candidate_blocks,
     mixed_mask_mod,
     prepare_sink_attention,
     sinks_first_permutation,
@@ -199,6 +200,34 @@ def test_flex_block_mask_equals_create_block_mask_and_skips_blocks():
         blocks[permute] = int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())
     assert blocks[False] == 16 * 17 // 2  # natural key order: EoUs everywhere, every causal block is touched
     assert blocks[True] < 0.5 * blocks[False], blocks  # sinks gathered first: block-sparse
+
+
+@pytest.mark.parametrize("T", [160, 300, 513])
+def test_block_mask_from_candidate_blocks_equals_the_exhaustive_one(T):
+    """``candidate_blocks`` skips only empty blocks: the BlockMask built from them equals the one that evaluates every
+    block, for every kind (BigBird rows keep all blocks), mixed rows and a partial last block; and it skips most
+    blocks of a long conversation."""
+    for seed in range(len(KINDS)):
+        kinds = [KINDS[(seed + i) % len(KINDS)] for i in range(3)]
+        batch = random_packed_batch(3, T, kinds, seed=seed)
+        perm = sinks_first_permutation(batch, PARAMS)
+        mod = mixed_mask_mod(batch, PARAMS, perm)
+        every = block_mask_from_mod(mod, 3, T, rows=128)
+        pruned = block_mask_from_mod(mod, 3, T, rows=128, candidates=candidate_blocks(batch, PARAMS, perm))
+        assert torch.equal(every.to_dense(), pruned.to_dense()), kinds
+        for name in ("kv_num_blocks", "full_kv_num_blocks"):
+            assert torch.equal(getattr(every, name), getattr(pruned, name)), (kinds, name)
+
+    from pipeline.bench.attention import conversation_batch
+
+    row = conversation_batch([3, 5, 2, 7, 4], 4096)  # about 800 sinks: several sink blocks, early ones below the band
+    perm = sinks_first_permutation(row)
+    mod = mixed_mask_mod(row, perm=perm)
+    pruned = block_mask_from_mod(mod, 1, 4096, candidates=candidate_blocks(row, MaskParams(), perm))
+    assert torch.equal(block_mask_from_mod(mod, 1, 4096).to_dense(), pruned.to_dense())
+    row = conversation_batch([7, 19, 33, 12, 25, 9, 41, 16], 8192)
+    cand = candidate_blocks(row, MaskParams(), sinks_first_permutation(row))
+    assert cand.sum() < 0.2 * 64 * 64, int(cand.sum())
 
 
 @pytest.mark.slow
