@@ -24,8 +24,13 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data_prep.paths import write_text_atomic
+from pipeline.attention.masks import MaskParams, batch_dense_mask
+from pipeline.attention.registry import DenseMaskAttention, prepare_attention
+from pipeline.attention.sink_plan import band_start, batch_meta, row_meta, sink_keys
 from pipeline.bench.memory import conversation_source, doubling, loss_with, row_from_source
 from pipeline.contract import DIALOGUE, DOC_IDS, EOU, MASK_KIND
 
@@ -41,9 +46,6 @@ class CausalRepeatKV:
     backends (flash, cuDNN, memory-efficient): the math fallback would build the T×T scores."""
 
     def __call__(self, query, key, value, scaling):
-        import torch.nn.functional as F
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         if key.shape[1] != query.shape[1]:  # (B, Hkv, T, D) -> (B, H, T, D)
             key, value = (x.repeat_interleave(query.shape[1] // x.shape[1], 1) for x in (key, value))
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
@@ -52,18 +54,12 @@ class CausalRepeatKV:
 
 def sink_attention(batch: dict, impl: str):
     """The per-batch sink attention: 'flex' (``FlexSinkAttention``, compiled on CUDA) or 'sink' (the CPU kernel)."""
-    from pipeline.attention.masks import MaskParams
-    from pipeline.attention.registry import prepare_attention
-
     return prepare_attention(batch, impl, MaskParams())
 
 
 def allowed_pairs(batch: dict) -> int:
     """(query, key) pairs the dialogue mask allows in a one-conversation row: per query its band ``[band_start, q]``
     plus the sink keys (BOS, every EoU) before the band."""
-    from pipeline.attention.masks import MaskParams
-    from pipeline.attention.sink_plan import band_start, batch_meta, row_meta, sink_keys
-
     if batch[MASK_KIND] != [DIALOGUE] or int(batch[DOC_IDS].max()) != 0:
         raise ValueError("allowed_pairs counts one dialogue-mask conversation (batch of one row, one document)")
     row = row_meta(batch_meta(batch, MaskParams()), 0)
@@ -108,16 +104,13 @@ def _qkv(T: int, heads: int, kv_heads: int, head_dim: int, dtype, device):
 def check_against_dense(source: dict, T: int, heads: int, kv_heads: int, head_dim: int, device, impl: str) -> dict:
     """Max abs difference of the sink attention's output and input gradients from the dense-mask SDPA reference
     (fp32), in fp32 and in bf16 (inputs rounded to bf16, compared with the fp32 reference), and the reference's scale."""
-    from pipeline.attention.masks import MaskParams, batch_dense_mask
-    from pipeline.attention.registry import DenseMaskAttention
-
     batch = _to(row_from_source(source, T), device)
 
     def run(attn, dtype):
         q, k, v, g = _qkv(T, heads, kv_heads, head_dim, dtype, device)
         out = attn(q, k, v, head_dim ** -0.5)
         out.backward(g)
-        return [t.float() for t in (out, q.grad, k.grad, v.grad)]
+        return [t.detach().float() for t in (out, q.grad, k.grad, v.grad)]
 
     ref = run(DenseMaskAttention(batch_dense_mask(batch, MaskParams())), torch.float32)
     result = {"T": T, "reference": "dense-mask SDPA, fp32", "reference_max_abs": [float(r.abs().max()) for r in ref]}
@@ -183,6 +176,11 @@ def build_model(spec: str, device, dtype):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="convsink", dtype=dtype)
     enable_activation_checkpointing(model)  # per decoder layer, non-reentrant (active in training mode)
     return model.train()
+
+
+def checkpointing_on(model) -> bool:
+    """Whether transformers' activation checkpointing is on (``is_activation_checkpointing`` from 5.x, else the old name)."""
+    return bool(getattr(model, "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"))
 
 
 def matmul_params(model) -> int:
@@ -269,7 +267,7 @@ def bench_gpu(out: str, model_spec: str = "llama1b", attention_lens=(16384, 3276
     n_matmul = matmul_params(model)
     result = {"setting": {"model": model_spec, "model_config": json.loads(cfg.to_json_string()), "init": "random (seed 0)",
                           "dtype": dtype, "parameters": sum(p.numel() for p in model.parameters()),
-                          "matmul_parameters": n_matmul, "activation_checkpointing": bool(model.is_gradient_checkpointing), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                          "matmul_parameters": n_matmul, "activation_checkpointing": checkpointing_on(model), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                           "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                           "attention": f"sink: {impl} (FlexSinkAttention on CUDA, compiled); causal: SDPA is_causal, fused backends",
                           "step": "forward + backward + torch AdamW step (weights, gradients and optimizer state in "
@@ -332,13 +330,18 @@ def plot_gpu(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    drawn = [False, False]
     for method in (SINK_FLEX, CAUSAL):
         pts = sorted((p for p in result["steps"] if p["method"] == method and p.get("fits")), key=lambda p: p["T"])
         mem = [p for p in pts if p.get("peak_gb") is not None]  # CUDA only
         axes[0].plot([p["T"] for p in mem], [p["peak_gb"] for p in mem], marker="o", label=method)
         axes[1].plot([p["T"] for p in pts], [p["tokens_per_s"] for p in pts], marker="o", label=method)
-    lengths = sorted({p["T"] for p in result["steps"] if p.get("fits") is not None})
-    for ax, label, yscale in zip(axes, ("peak memory allocated (GiB)", "tokens/s"), ("log", "linear")):
+        drawn = [drawn[0] or bool(mem), drawn[1] or bool(pts)]
+    lengths = sorted({p["T"] for p in result["steps"] if p.get("fits")})
+    for ax, label, yscale, has_points in zip(axes, ("peak memory allocated (GiB)", "tokens/s"), ("log", "linear"), drawn):
+        if not has_points:  # nothing measured (a CPU run has no GPU memory; a spent time budget no steps)
+            ax.set(ylabel=label, title="no points")
+            continue
         ax.set(xlabel="T (tokens)", ylabel=label, xscale="log", yscale=yscale)
         ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
