@@ -356,15 +356,18 @@ def plot_gpu(result: dict, path: str) -> None:
 
 
 def summarize(result: dict) -> dict:
-    """The longest row that fit per method, and the sink / causal ratios at the lengths both ran."""
+    """The longest row that fit per method and why the next one was not measured (out of memory, or not run: the
+    time budget), and the sink / causal ratios at the lengths both ran."""
     steps = [p for p in result["steps"] if p.get("fits")]
     by = {(p["method"], p["T"]): p for p in steps}
     longest = {m: max((p["T"] for p in steps if p["method"] == m), default=None) for m in (SINK_FLEX, CAUSAL)}
+    stopped = {m: next(({"T": p["T"], "reason": p["reason"]} for p in result["steps"] if p["method"] == m and not p.get("fits")),
+                       None) for m in (SINK_FLEX, CAUSAL)}
     ratios = [{"T": T, "sink_tokens_per_s": by[(SINK_FLEX, T)]["tokens_per_s"], "causal_tokens_per_s": by[(CAUSAL, T)]["tokens_per_s"],
                "sink_over_causal": by[(SINK_FLEX, T)]["tokens_per_s"] / by[(CAUSAL, T)]["tokens_per_s"],
                "sink_mfu": by[(SINK_FLEX, T)].get("mfu"), "causal_mfu": by[(CAUSAL, T)].get("mfu")}
               for T in sorted({T for _, T in by}) if (SINK_FLEX, T) in by and (CAUSAL, T) in by]
-    return {"longest_T_fit": longest, "step_ratios": ratios,
+    return {"longest_T_fit": longest, "first_T_not_fit": stopped, "step_ratios": ratios,
             "attention_speedups": {r["T"]: r["speedup_vs_causal"] for r in result["attention"] if "speedup_vs_causal" in r}}
 
 

@@ -47,6 +47,7 @@ def test_every_phase_reports_and_the_sink_alone_doubles_past_the_compared_length
         causal_pairs = p["T"] * (p["T"] + 1) // 2
         assert (p["allowed_pairs"] == causal_pairs) == (p["method"] == CAUSAL)
     assert r["summary"]["longest_T_fit"] == {SINK_FLEX: 1024, CAUSAL: 256}
+    assert r["summary"]["first_T_not_fit"] == {SINK_FLEX: None, CAUSAL: None}  # every point planned ran and fit
     assert [x["T"] for x in r["summary"]["step_ratios"]] == [128, 256]
 
 
@@ -57,6 +58,7 @@ def test_points_past_the_time_budget_are_listed_as_not_run(tmp_path, shared_data
         (SINK_FLEX, 128, None, "not run: time budget"), (CAUSAL, 128, None, "not run: time budget"),
         (SINK_FLEX, 256, None, "not run: time budget")]
     assert r["summary"]["longest_T_fit"] == {SINK_FLEX: None, CAUSAL: None}
+    assert r["summary"]["first_T_not_fit"] == {m: {"T": 128, "reason": "not run: time budget"} for m in (SINK_FLEX, CAUSAL)}
 
 
 def _count_dense(batch: dict) -> int:
