@@ -16,8 +16,7 @@ from pipeline.config import OVERRIDE, split_overrides
 from pipeline.contract import CACHE_POLICIES, DIALOGUE, DIALOGUE_ROW_MASKS, STAGES
 
 
-def _overrides_help() -> str:
-    return "config overrides as key=value, e.g. train.lr=3e-4 data.seq_len=512"
+OVERRIDES_HELP = "config overrides as key=value, e.g. train.lr=3e-4 data.seq_len=512"
 
 
 def cmd_prep(args) -> int:
@@ -125,6 +124,7 @@ def cmd_bench_prep(args) -> int:
 
 def cmd_bench_prep_scale(args) -> int:
     import shlex
+
     from pipeline.bench.prep_scale import bench_prep_scale
 
     args.out = args.out or "bench/prep_scale_cpu.json"
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prep", help="dialogue files → packed Parquet shards + manifest.json")
     s.add_argument("inputs", nargs="+", help="dialogue files (canonical/PersonaChat/MSC/messages JSON[L]), then optional "
-                   + _overrides_help())
+                   + OVERRIDES_HELP)
     s.add_argument("--out", required=True, help="output shard folder")
     s.add_argument("--config", help="YAML recipe (its data: section is used)")
     s.add_argument("--format", choices=["auto", *INPUT_FORMATS], help="input format (default auto)")
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     s.add_argument("--stage", choices=STAGES, help="memory = SMR+LMR samples, dialogue = dialogue fine-tuning (default: the recipe's train.stage)")
     add_allow_batch_change(s)
-    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("export", help="ZeRO-3 checkpoint → merged Hugging Face folder (safetensors)")
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show-cache", action="store_true", help="print the cache size after every turn")
     s.add_argument("--system", help="system prompt (default: chat.system, else the template's own; pinned with BOS "
                    "on a chat-layout model, never evicted)")
-    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("eval", help="perplexity, generation metrics and a recall probe (or score existing predictions)")
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--references", nargs="+", help="dialogue files whose last utterances are the references")
     s.add_argument("--config", help="YAML recipe (its chat: section is used)")
     s.add_argument("--out", required=True, help="JSON output (a Markdown table is written next to it)")
-    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("tokenizer", help="train a small byte-level BPE tokenizer on dialogue files (for models trained from scratch)")
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="prep → train → export → one chat reply, from one recipe")
     s.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
-    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     s.set_defaults(fn=cmd_run)
 
     _bench_parser(sub)

@@ -192,11 +192,10 @@ def matmul_params(model) -> int:
     return n + (head.numel() if head is embed else 0)
 
 
-def step_point(model, opt, source: dict, T: int, method: str, loss_chunk: int, device, impl: str,
-               seconds_left: float) -> dict:
-    """One point: up to 2 training steps on one conversation row of T tokens (the first compiles and allocates the
-    optimizer state; the second, run if ``seconds_left`` allows, is timed). Out of memory ends the point."""
-    batch = _to(row_from_source(source, T), device)
+def step_point(model, opt, row: dict, method: str, loss_chunk: int, device, impl: str, seconds_left: float) -> dict:
+    """One point: up to 2 training steps on the one-row batch ``row`` (the first compiles and allocates the optimizer
+    state; the second, run if ``seconds_left`` allows, is timed). Out of memory ends the point."""
+    batch, T = _to(row, device), row[DOC_IDS].shape[1]
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -303,10 +302,10 @@ def bench_gpu(out: str, model_spec: str = "llama1b", attention_lens=(16384, 3276
                                     + ("a shorter row did not fit" if method in stopped else "time budget")})
             continue
         def point():
-            p = step_point(model, opt, source, T, method, loss_chunk, dev, impl, left)
-            batch = row_from_source(source, T)
-            pairs = T * (T + 1) // 2 if method == CAUSAL else allowed_pairs(batch)
+            row = row_from_source(source, T)
+            p = step_point(model, opt, row, method, loss_chunk, dev, impl, left)
             if p.get("fits"):
+                pairs = T * (T + 1) // 2 if method == CAUSAL else allowed_pairs(row)
                 flops = model_flops(n_matmul, cfg.num_hidden_layers, heads, head_dim, T, pairs)
                 p.update(allowed_pairs=pairs, model_tflops_per_step=flops / 1e12,
                          mfu=flops / p["step_seconds"] / (peak_tflops * 1e12))

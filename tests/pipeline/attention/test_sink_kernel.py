@@ -205,8 +205,7 @@ def test_flex_block_mask_equals_create_block_mask_and_skips_blocks():
 @pytest.mark.parametrize("T", [160, 300, 513])
 def test_block_mask_from_candidate_blocks_equals_the_exhaustive_one(T):
     """``candidate_blocks`` skips only empty blocks: the BlockMask built from them equals the one that evaluates every
-    block, for every kind (BigBird rows keep all blocks), mixed rows and a partial last block; and it skips most
-    blocks of a long conversation."""
+    block, for every kind (BigBird rows keep all blocks), mixed rows and a partial last block."""
     for seed in range(len(KINDS)):
         kinds = [KINDS[(seed + i) % len(KINDS)] for i in range(3)]
         batch = random_packed_batch(3, T, kinds, seed=seed)
@@ -218,6 +217,8 @@ def test_block_mask_from_candidate_blocks_equals_the_exhaustive_one(T):
         for name in ("kv_num_blocks", "full_kv_num_blocks"):
             assert torch.equal(getattr(every, name), getattr(pruned, name)), (kinds, name)
 
+
+def test_candidate_blocks_of_a_long_conversation_keep_every_sink_block_and_skip_most():
     from pipeline.bench.attention import conversation_batch
 
     row = conversation_batch([3, 5, 2, 7, 4], 4096)  # about 800 sinks: several sink blocks, early ones below the band

@@ -14,7 +14,7 @@ import torch
 from data_prep.layout import layout_dialogue
 from data_prep.tokenizer_loading import SpecialIds
 from pipeline.attention.masks import dense_mask
-from pipeline.bench.gpu import CAUSAL, SINK_FLEX, allowed_pairs, build_model, matmul_params
+from pipeline.bench.gpu import CAUSAL, SINK_FLEX, allowed_pairs, build_model, matmul_params, step_point
 from pipeline.bench.memory import conversation_source, row_from_source
 from pipeline.contract import BLK, DIALOGUE, DOC_IDS, EOU, MASK_KIND, UTT_IDS
 from tests.repo import REPO
@@ -44,6 +44,12 @@ def test_every_phase_reports_and_the_sink_alone_doubles_past_the_compared_length
     for p in r["steps"]:
         assert p["fits"] and len(p["all_step_seconds"]) == 2 and p["step_seconds"] == p["all_step_seconds"][1]
         assert 5 < p["loss"] < 20 and 0 < p["mfu"] < 1
+        # the MFU's inputs are this run's model and row (the model's shape from the JSON, the pairs counted above)
+        c = r["setting"]["model_config"]
+        flops = 6 * r["setting"]["matmul_parameters"] * p["T"] + 12 * c["num_hidden_layers"] * c["num_attention_heads"] \
+            * (c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]) * p["allowed_pairs"]
+        assert p["model_tflops_per_step"] * 1e12 == pytest.approx(flops, rel=1e-12)
+        assert p["mfu"] == pytest.approx(flops / p["step_seconds"] / (r["setting"]["peak_tflops"] * 1e12), rel=1e-12)
         causal_pairs = p["T"] * (p["T"] + 1) // 2
         assert (p["allowed_pairs"] == causal_pairs) == (p["method"] == CAUSAL)
     assert r["summary"]["longest_T_fit"] == {SINK_FLEX: 1024, CAUSAL: 256}
@@ -89,3 +95,15 @@ def test_matmul_params_counts_every_matrix_product_once():
     per_layer = (c.hidden_size * D * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
                  + 3 * c.hidden_size * c.intermediate_size)
     assert matmul_params(model) == c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size
+
+
+def test_an_out_of_memory_step_is_a_point_that_does_not_fit(shared_data):
+    class OutOfMemoryModel(torch.nn.Module):  # raises what CUDA raises when an allocation fails
+        def forward(self, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.91 GiB.")
+
+    model = OutOfMemoryModel()
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    row = row_from_source(conversation_source(n_utterances=50), 128)
+    p = step_point(model, opt, row, SINK_FLEX, 64, torch.device("cpu"), "sink", 60.0)
+    assert p == {"method": SINK_FLEX, "T": 128, "fits": False, "reason": "out of memory: CUDA out of memory. Tried to allocate 3.91 GiB."}
