@@ -182,7 +182,8 @@ def block_mask_from_mod(mod, B: int, T: int, device=None, block: int = 128, rows
 _compiled_flex = None
 
 
-def _flex(compiled: bool):
+def flex_attention_fn(compiled: bool):
+    """FlexAttention: compiled once per process (static shapes: one graph per length) when ``compiled``, else eager."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -212,7 +213,7 @@ class FlexSinkAttention:
         if self.perm is not None:
             idx = self.perm[:, None, :, None].expand(key.shape)  # (B, Hkv, T, D)
             key, value = key.gather(2, idx), value.gather(2, idx)
-        return _flex(self.compiled)(query, key, value, block_mask=self.block_mask, scale=scaling,
+        return flex_attention_fn(self.compiled)(query, key, value, block_mask=self.block_mask, scale=scaling,
                                     enable_gqa=key.shape[1] != query.shape[1])
 
 

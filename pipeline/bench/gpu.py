@@ -26,13 +26,15 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask
 
 from data_prep.paths import write_text_atomic
 from pipeline.attention.masks import MaskParams, batch_dense_mask
 from pipeline.attention.registry import DenseMaskAttention, prepare_attention
+from pipeline.attention.sink_kernel import flex_attention_fn
 from pipeline.attention.sink_plan import band_start, batch_meta, row_meta, sink_keys
 from pipeline.bench.memory import conversation_source, doubling, loss_with, row_from_source
-from pipeline.contract import DIALOGUE, DOC_IDS, EOU, MASK_KIND
+from pipeline.contract import DIALOGUE, DOC_IDS, MASK_KIND
 
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM, dense bf16 (datasheet)
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -124,37 +126,36 @@ def attention_rows(source: dict, lens, heads: int, kv_heads: int, head_dim: int,
                    dtype=torch.bfloat16, repeats: int = 5) -> list[dict]:
     """Forward + backward seconds (median of ``repeats`` after 2 warm-up runs, the first compiles) of the sink
     attention and causal SDPA at each length; the sink's per-batch BlockMask build timed apart (second build)."""
-    rows = []
-    for T in lens:
-        batch = _to(row_from_source(source, T), device)
-        q, k, v, g = _qkv(T, heads, kv_heads, head_dim, dtype, device)
-        plan = _timed(lambda: sink_attention(batch, impl), device, 1, 1)[0]
-        methods = {SINK_FLEX: sink_attention(batch, impl), CAUSAL: CausalRepeatKV()}
-        if impl == "flex":  # the same compiled FlexAttention with a plain causal BlockMask: the kernel's own speed
-            methods[FLEX_CAUSAL] = flex_causal(T, device)
-        for name, attn in methods.items():
-            def step():
-                attn(q, k, v, head_dim ** -0.5).backward(g)
-                q.grad = k.grad = v.grad = None
-            times = _timed(step, device, 2, repeats)
-            rows.append({"method": name, "T": T, "seconds": sorted(times)[len(times) // 2], "all_seconds": times,
-                         **({"plan_seconds": plan} if name == SINK_FLEX else {})})
-        sink, causal = (next(r for r in rows if r["T"] == T and r["method"] == m) for m in (SINK_FLEX, CAUSAL))
-        sink["speedup_vs_causal"] = causal["seconds"] / sink["seconds"]
-        with torch.no_grad():  # forward alone (no autograd graph)
-            sink["forward_seconds"] = sorted(_timed(lambda: methods[SINK_FLEX](q, k, v, head_dim ** -0.5), device, 2, repeats))[repeats // 2]
-        del batch, q, k, v, g, methods
-    return rows
+    return [row for T in lens for row in _attention_at(source, T, heads, kv_heads, head_dim, device, impl, dtype, repeats)]
+
+
+def _attention_at(source: dict, T: int, heads: int, kv_heads: int, head_dim: int, device, impl: str, dtype,
+                  repeats: int) -> list[dict]:
+    """``attention_rows`` at one length (its tensors are freed when it returns)."""
+    batch = _to(row_from_source(source, T), device)
+    q, k, v, g = _qkv(T, heads, kv_heads, head_dim, dtype, device)
+    plan = _timed(lambda: sink_attention(batch, impl), device, 1, 1)[0]
+    methods = {SINK_FLEX: sink_attention(batch, impl), CAUSAL: CausalRepeatKV()}
+    if impl == "flex":  # the same compiled FlexAttention with a plain causal BlockMask: the kernel's own speed
+        methods[FLEX_CAUSAL] = flex_causal(T, device)
+    rows = {}
+    for name, attn in methods.items():
+        def step():
+            attn(q, k, v, head_dim ** -0.5).backward(g)
+            q.grad = k.grad = v.grad = None
+        times = _timed(step, device, 2, repeats)
+        rows[name] = {"method": name, "T": T, "seconds": sorted(times)[len(times) // 2], "all_seconds": times}
+    rows[SINK_FLEX].update(plan_seconds=plan, speedup_vs_causal=rows[CAUSAL]["seconds"] / rows[SINK_FLEX]["seconds"])
+    with torch.no_grad():  # forward alone (no autograd graph)
+        forward = _timed(lambda: methods[SINK_FLEX](q, k, v, head_dim ** -0.5), device, 2, repeats)
+    rows[SINK_FLEX]["forward_seconds"] = sorted(forward)[repeats // 2]
+    return list(rows.values())
 
 
 def flex_causal(T: int, device):
     """Compiled FlexAttention with a causal BlockMask (``create_block_mask``): ``(q, k, v, scaling) -> out``."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    from pipeline.attention.sink_kernel import _flex
-
     mask = create_block_mask(lambda b, h, q, kv: kv <= q, 1, None, T, T, device=device)
-    return lambda q, k, v, scaling: _flex(True)(q, k, v, block_mask=mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
+    return lambda q, k, v, scaling: flex_attention_fn(True)(q, k, v, block_mask=mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _to(batch: dict, device) -> dict:
@@ -322,7 +323,7 @@ def bench_gpu(out: str, model_spec: str = "llama1b", attention_lens=(16384, 3276
 
 
 def plot_gpu(result: dict, path: str) -> None:
-    """Peak memory and tokens/s of the training step against T, sink and causal, the GPU's memory as a line."""
+    """Peak memory and tokens/s of the training step against T, sink and causal."""
     import matplotlib
 
     matplotlib.use("Agg")
