@@ -34,12 +34,6 @@ def _fold(x: torch.Tensor, hkv: int) -> torch.Tensor:
     return x.reshape(n, C, hkv, g, *x.shape[3:]).movedim(1, 3).reshape(n, hkv, g * C, *x.shape[3:])
 
 
-def _unfold(x: torch.Tensor, C: int) -> torch.Tensor:
-    """``(n, Hkv, g·C, ...)`` → ``(n·C, H, ...)`` (the inverse of ``_fold``, flattened over chunks)."""
-    n, hkv, gc = x.shape[:3]
-    return x.reshape(n, hkv, gc // C, C, *x.shape[3:]).movedim(3, 1).reshape(n * C, hkv * (gc // C), *x.shape[3:])
-
-
 class _Flat:
     """Queries ``(B·T, H·D)`` and keys/values ``(B·T, Hkv·D)``, 2-D so that a gather or a scatter moves whole rows
     (``index_select`` on 3-D rows is several times slower); views, not copies, when the inputs are transposed
@@ -66,13 +60,11 @@ class _Flat:
         return out.view(n, self.hkv, -1, F_)
 
     def put_chunks(self, dst: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> None:
-        """``dst`` ``(B·P, H·F)`` at the queries of chunks ``ids`` ← ``x`` ``(n, Hkv, g·C, F)``."""
-        n = ids.numel()
-        if self.H == self.hkv:
-            dst.view(-1, self.C * dst.shape[1]).index_copy_(0, ids, _unfold(x, self.C).reshape(n, -1).to(dst.dtype))
-        else:  # scattered from the folded layout: one copy, no unfold
-            idx = self._head_rows(_queries(ids, self.C), n)
-            dst.view(-1, dst.shape[1] // self.H).index_copy_(0, idx.flatten(), x.reshape(idx.numel(), -1).to(dst.dtype))
+        """``dst`` ``(B·P, H·F)`` at the queries of chunks ``ids`` ← ``x`` ``(n, Hkv, g·C, F)`` (any strides): one
+        pass, whole chunks (a scatter of (query, head) rows of F is twice as slow)."""
+        g = self.H // self.hkv
+        src = x.unflatten(2, (g, self.C)).permute(0, 3, 1, 2, 4)  # (n, C, Hkv, g, F) view
+        dst.view(-1, self.C, self.hkv, g, x.shape[-1]).index_copy_(0, ids, src.to(dst.dtype))
 
     def _head_rows(self, pos: torch.Tensor, n: int) -> torch.Tensor:
         """``(n, Hkv, g, C)`` rows of a ``(N·H, F)`` view for query positions ``pos`` (n·C,): query head kv·g + j
@@ -87,6 +79,12 @@ class _Flat:
     def block(self, x: torch.Tensor, q0: int, q1: int) -> torch.Tensor:
         """``x`` ``(N, H·F)`` rows ``[q0, q1)`` → ``(1, Hkv, g·m, F)``."""
         return _fold(x[q0:q1].view(1, q1 - q0, self.H, -1), self.hkv)
+
+
+def _as_rows(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``(1, Hkv, g·m, F)`` (any strides) → ``(m, Hkv, g, F)``, a view: query head kv·g + j of row r, as in ``(m, H, F)``
+    rows (the inverse of ``_fold``, without a copy)."""
+    return x[0].unflatten(1, (-1, m)).permute(2, 0, 1, 3)
 
 
 def _queries(ids: torch.Tensor, C: int) -> torch.Tensor:
@@ -131,10 +129,10 @@ class PlannedAttention(torch.autograd.Function):
                 m, n = q1 - q0, s.numel()
                 o, l = _attn(x.block(x.q, r0, r0 + m), ks[:, :, at:at + n], vs[:, :, at:at + n], scale=scale)
                 at += n
-                o, l = _unfold(o, m), _unfold(l, m).float()  # (m, H, D), (m, H)
-                o_b, l_b = out[q0:q1].view(m, H, D), lse[q0:q1]  # the block's chunk parts: merged into in place
-                l_all = torch.logaddexp(l, l_b)  # (m, H)
-                o_b.copy_(torch.exp(l - l_all)[..., None] * o + torch.exp(l_b - l_all)[..., None] * o_b)
+                o, l = _as_rows(o, m), _as_rows(l[..., None], m)[..., 0].float()  # (m, Hkv, g, D), (m, Hkv, g) views
+                o_b, l_b = out[q0:q1].view(o.shape), lse[q0:q1].view(l.shape)  # the block's chunk parts: merged into in place
+                l_all = torch.logaddexp(l, l_b)  # (m, Hkv, g)
+                o_b.mul_(torch.exp(l_b - l_all)[..., None]).addcmul_(o, torch.exp(l - l_all)[..., None])  # two passes
                 l_b.copy_(l_all)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale
@@ -168,7 +166,7 @@ class PlannedAttention(torch.autograd.Function):
                 gq, gks[:, :, at:at + n], gvs[:, :, at:at + n] = _shared_backward(
                     x.block(do, r0, r1), x.block(x.q, r0, r1), ks[:, :, at:at + n], vs[:, :, at:at + n],
                     x.block(out, q0, q1), x.block(lse, q0, q1)[..., 0], scale)
-                dq[q0:q1] += _unfold(gq, q1 - q0).reshape(-1, H * D)
+                dq[q0:q1].view(q1 - q0, -1, g, D).add_(_as_rows(gq, q1 - q0))
                 at += n
             dk.index_add_(0, keys, gks[0].transpose(0, 1).reshape(-1, dk.shape[1]))
             dv.index_add_(0, keys, gvs[0].transpose(0, 1).reshape(-1, dv.shape[1]))
