@@ -117,6 +117,7 @@ class TrainConfig(Strict):
     ds_config: str | None = Field(None, description="a DeepSpeed JSON from ds_configs/ ('auto' values are filled from this recipe); None = built from the fields above")
     activation_checkpointing: bool = Field(False, description="recompute each decoder layer in backward (non-reentrant): activations of one layer at a time instead of all")
     loss_chunk: int | None = Field(None, ge=1, description="lm_head + cross-entropy over chunks of this many tokens, each chunk's logits recomputed in backward (None = the whole (T, V) logits at once)")
+    mlp_chunk: int | None = Field(None, ge=1, description="each decoder layer's MLP over chunks of this many tokens, each chunk recomputed in backward (ALST's tiled MLP, DeepSpeed's TiledMLP; None = the whole sequence at once)")
 
     @model_validator(mode="after")
     def _lr(self):

@@ -5,10 +5,10 @@ FlexAttention (``FlexSinkAttention``) against causal SDPA, in one process (every
    output and the three input gradients, in fp32 and bf16;
 2. ``attention``: forward + backward of one attention call with the model's heads (``(1, H, T, D)`` views of
    ``(1, T, H, D)`` memory), the sink's BlockMask (built once per batch, shared by every layer) timed apart;
-3. ``steps``: one training step (forward, backward, AdamW) of a random-init model (default ``llama1b``:
-   Llama-3.2-1B's shape) on one conversation row, checkpointed with the tiled loss: sink and causal side by side at
-   ``compare_lens``, then the sink alone doubling until the GPU runs out of memory or the time budget ends. Per point:
-   peak memory (``torch.cuda.max_memory_allocated``), the last step's time, tokens/s and MFU.
+3. ``steps``: one training step (forward, backward, AdamW) of a random-init model (default ``llama1b``: Llama-3.2-1B's
+   shape) on one conversation row, checkpointed, tiled loss (and MLP, ``--mlp-chunk``): sink and causal at
+   ``compare_lens``, then the sink alone doubling until out of memory or the time budget ends. Per point: peak memory
+   (``torch.cuda.max_memory_allocated``), the last step's time, tokens/s and MFU.
 
 MFU = model FLOPs per step / step time / peak rate. Model FLOPs = 6·N·T + 12·L·H·D·P: N = parameters in matrix
 products (the output layer counted, the input embedding not), P = (query, key) pairs the mask allows (causal:
@@ -54,8 +54,7 @@ class CausalRepeatKV:
             return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
 
 
-def sink_attention(batch: dict, impl: str):
-    """The per-batch sink attention: 'flex' (``FlexSinkAttention``, compiled on CUDA) or 'sink' (the CPU kernel)."""
+def sink_attention(batch: dict, impl: str):  # 'flex' (FlexSinkAttention, compiled on CUDA) or 'sink' (CPU kernel)
     return prepare_attention(batch, impl, MaskParams())
 
 
@@ -162,13 +161,14 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def build_model(spec: str, device, dtype):
-    """A random-init causal LM (seed 0) of ``spec``: 'llama1b' (``LLAMA_1B``), 'tiny', 'smollm2' or a model folder."""
+def build_model(spec: str, device, dtype, mlp_chunk: int | None = None):
+    """A random-init causal LM (seed 0): 'llama1b' (``LLAMA_1B``), 'tiny', 'smollm2' or a folder; MLPs tiled if asked."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     from pipeline.attention.registry import register
     from pipeline.bench.memory import model_folder
     from pipeline.modeling.forward import enable_activation_checkpointing
+    from pipeline.modeling.tiled_mlp import enable_tiled_mlp
 
     register()
     config = LlamaConfig(**LLAMA_1B) if spec == "llama1b" else AutoConfig.from_pretrained(model_folder(spec))
@@ -176,11 +176,12 @@ def build_model(spec: str, device, dtype):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="convsink", dtype=dtype)
     enable_activation_checkpointing(model)  # per decoder layer, non-reentrant (active in training mode)
+    if mlp_chunk:
+        enable_tiled_mlp(model, mlp_chunk)
     return model.train()
 
 
-def checkpointing_on(model) -> bool:
-    """Whether transformers' activation checkpointing is on (``is_activation_checkpointing`` from 5.x, else the old name)."""
+def checkpointing_on(model) -> bool:  # transformers' switch: is_activation_checkpointing from 5.x, else the old name
     return bool(getattr(model, "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"))
 
 
@@ -245,7 +246,8 @@ def matmul_tflops(device, n: int = 8192) -> float | None:
 def bench_gpu(out: str, model_spec: str = "llama1b", attention_lens=(16384, 32768, 65536),
               compare_lens=(8192, 16384, 32768, 65536), max_len: int = 1 << 20, loss_chunk: int = 8192,
               time_budget_s: float = 420.0, conversation: str | None = None, check_len: int = 2048,
-              device: str = "cuda", impl: str = "flex", dtype: str = "bfloat16", peak_tflops: float = PEAK_BF16_TFLOPS) -> dict:
+              device: str = "cuda", impl: str = "flex", dtype: str = "bfloat16", peak_tflops: float = PEAK_BF16_TFLOPS,
+              mlp_chunk: int | None = None) -> dict:
     """Run the three phases (module docstring), writing ``out`` after each point. ``conversation``: a JSON file of
     ``conversation_source()`` (written here if missing), so a machine without ../shared or the tokenizer can run
     it. Points the time budget leaves out are listed as not run."""
@@ -260,7 +262,7 @@ def bench_gpu(out: str, model_spec: str = "llama1b", attention_lens=(16384, 3276
     import torch._dynamo as dynamo
 
     dynamo.config.cache_size_limit = 64  # one compiled FlexAttention per length (static shapes)
-    model = build_model(model_spec, dev, dt)
+    model = build_model(model_spec, dev, dt, mlp_chunk)
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -271,7 +273,8 @@ def bench_gpu(out: str, model_spec: str = "llama1b", attention_lens=(16384, 3276
                           "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                           "attention": f"sink: {impl} (FlexSinkAttention on CUDA, compiled); causal: SDPA is_causal, fused backends",
                           "step": "forward + backward + torch AdamW step (weights, gradients and optimizer state in "
-                                  f"{dtype}), activation checkpointing per layer, tiled loss (loss_chunk {loss_chunk})",
+                                  f"{dtype}), activation checkpointing per layer, tiled loss (loss_chunk {loss_chunk})"
+                                  + (f", tiled MLP (mlp_chunk {mlp_chunk})" if mlp_chunk else ""), "mlp_chunk": mlp_chunk,
                           "text": "real MSC utterances back to back, SmolLM2 token ids, cycled to T (one conversation row)",
                           "mfu": "6·N·T + 12·L·H·D·(pairs the mask allows), no recomputation counted, over the peak rate",
                           "peak_tflops": peak_tflops, "time_budget_s": time_budget_s},
@@ -318,41 +321,10 @@ def bench_gpu(out: str, model_spec: str = "llama1b", attention_lens=(16384, 3276
         phase(f"step {method} {T}", point)
     result["total_seconds"] = time.perf_counter() - t_start
     save()
+    from pipeline.bench.gpu_plot import plot_gpu
+
     phase("plot", lambda: plot_gpu(result, os.path.splitext(out)[0] + ".png"))
     return result
-
-
-def plot_gpu(result: dict, path: str) -> None:
-    """Peak memory and tokens/s of the training step against T, sink and causal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    drawn = [False, False]
-    for method in (SINK_FLEX, CAUSAL):
-        pts = sorted((p for p in result["steps"] if p["method"] == method and p.get("fits")), key=lambda p: p["T"])
-        mem = [p for p in pts if p.get("peak_gb") is not None]  # CUDA only
-        axes[0].plot([p["T"] for p in mem], [p["peak_gb"] for p in mem], marker="o", label=method)
-        axes[1].plot([p["T"] for p in pts], [p["tokens_per_s"] for p in pts], marker="o", label=method)
-        drawn = [drawn[0] or bool(mem), drawn[1] or bool(pts)]
-    lengths = sorted({p["T"] for p in result["steps"] if p.get("fits")})
-    for ax, label, yscale, has_points in zip(axes, ("peak memory allocated (GiB)", "tokens/s"), ("log", "linear"), drawn):
-        if not has_points:  # nothing measured (a CPU run has no GPU memory; a spent time budget no steps)
-            ax.set(ylabel=label, title="no points")
-            continue
-        ax.set(xlabel="T (tokens)", ylabel=label, xscale="log", yscale=yscale)
-        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_xticks(lengths, [f"{t:,}" for t in lengths], rotation=30)
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.legend()
-    s = result["setting"]
-    fig.suptitle(f"{s['model']} (random init), {s['dtype']}, checkpointed + tiled loss, one training step, {s['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def summarize(result: dict) -> dict:
@@ -377,10 +349,11 @@ def add_gpu_parser(inner) -> None:
                          "training steps (checkpointed, tiled loss) doubling T until out of memory; tokens/s and MFU")
     s.add_argument("--out", required=True, help="JSON output file (rewritten after every point)")
     s.add_argument("--model", default="llama1b", help="llama1b (Llama-3.2-1B's shape), tiny, smollm2 or a model folder")
-    s.add_argument("--attention-lens", type=int, nargs="+", default=[16384, 32768, 65536], help="attention-only lengths")
+    s.add_argument("--attention-lens", type=int, nargs="*", default=[16384, 32768, 65536], help="attention-only lengths (none: skip)")
     s.add_argument("--compare-lens", type=int, nargs="+", default=[8192, 16384, 32768, 65536], help="step lengths for sink and causal")
     s.add_argument("--max-len", type=int, default=1 << 20, help="the sink's step lengths double up to this")
     s.add_argument("--loss-chunk", type=int, default=8192, help="tokens per tiled-loss chunk")
+    s.add_argument("--mlp-chunk", type=int, help="tokens per tiled-MLP chunk (default: MLPs not tiled)")
     s.add_argument("--time-budget", type=float, default=420.0, help="seconds: no step point starts that would end past it")
     s.add_argument("--conversation", help="JSON file of the bench conversation's token ids (written if missing)")
     s.add_argument("--device", default="cuda", help="cuda (cpu runs the CPU sink kernel instead of FlexAttention: for tests)")
@@ -392,7 +365,7 @@ def run_command(args) -> int:
     impl = "flex" if args.device.startswith("cuda") else "sink"
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     r = bench_gpu(args.out, args.model, tuple(args.attention_lens), tuple(args.compare_lens), args.max_len, args.loss_chunk,
-                  args.time_budget, args.conversation, device=args.device, impl=impl, dtype=dtype)
+                  args.time_budget, args.conversation, device=args.device, impl=impl, dtype=dtype, mlp_chunk=args.mlp_chunk)
     print(json.dumps(r["summary"], indent=1))
     for e in r["errors"]:
         print(f"error in {e['phase']}: {e['error']}")

@@ -27,6 +27,7 @@ from pipeline.attention.ulysses import SequenceParallel
 from pipeline.config import RunConfig
 from pipeline.contract import CAUSAL, EOU, TARGETS, TASKS
 from pipeline.modeling.forward import attention_impl, enable_activation_checkpointing, row_kinds
+from pipeline.modeling.tiled_mlp import enable_tiled_mlp
 from pipeline.modeling.loader import build_model
 from pipeline.training import checkpoint
 from pipeline.training.flops import flops_per_token, mask_stats, non_embedding_params, peak_memory_gb, peak_tflops
@@ -120,6 +121,8 @@ def train(cfg: RunConfig, data_dir: str, out_dir: str, resume: bool = False, on_
     model = build_model(cfg.model, manifest["tokenizer"]["vocab_size"], ids, path=t.init_from)
     if t.activation_checkpointing:
         enable_activation_checkpointing(model)
+    if t.mlp_chunk:
+        enable_tiled_mlp(model, t.mlp_chunk)
     trainable = [p for p in model.parameters() if p.requires_grad]
     schedule = lr_lambda(cfg)
     if "offload_optimizer" in ds_config["zero_optimization"] or "optimizer" in ds_config:

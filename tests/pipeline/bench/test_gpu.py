@@ -21,6 +21,7 @@ from tests.repo import REPO
 
 
 def _bench(tmp_path, *args: str) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "gpu", "--device", "cpu", "--model", "tiny",
                            "--out", str(out), "--loss-chunk", "64", "--conversation", str(tmp_path / "conv.json"), *args],
@@ -65,6 +66,18 @@ def test_points_past_the_time_budget_are_listed_as_not_run(tmp_path, shared_data
         (SINK_FLEX, 256, None, "not run: time budget")]
     assert r["summary"]["longest_T_fit"] == {SINK_FLEX: None, CAUSAL: None}
     assert r["summary"]["first_T_not_fit"] == {m: {"T": 128, "reason": "not run: time budget"} for m in (SINK_FLEX, CAUSAL)}
+
+
+def test_mlp_chunk_tiles_the_steps_mlps_without_changing_their_losses(tmp_path, shared_data):
+    args = ("--attention-lens", "--compare-lens", "256", "--max-len", "512")
+    plain = _bench(tmp_path / "plain", *args)
+    tiled = _bench(tmp_path / "tiled", *args, "--mlp-chunk", "100")  # 3 chunks of 256 tokens
+    assert plain["setting"]["mlp_chunk"] is None and tiled["setting"]["mlp_chunk"] == 100
+    assert "tiled MLP (mlp_chunk 100)" in tiled["setting"]["step"] and plain["attention"] == tiled["attention"] == []
+    assert [(p["method"], p["T"]) for p in tiled["steps"]] == [(SINK_FLEX, 256), (CAUSAL, 256), (SINK_FLEX, 512)]
+    assert tiled["errors"] == [] and len(plain["steps"]) == 3
+    for a, b in zip(plain["steps"], tiled["steps"]):  # the loss after one AdamW step: same model, same row
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and a["loss"] > 5
 
 
 def _count_dense(batch: dict) -> int:

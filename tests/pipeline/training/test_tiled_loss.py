@@ -1,8 +1,9 @@
-"""Activation checkpointing and the tiled loss change nothing but memory: on real packed rows (several dialogues per
-row, SMR and LMR samples) a tiny random-init Llama gives the same per-task losses and the same gradient of every
-parameter (fp32, 1e-5) with checkpointing on/off x tiled/untiled loss, with tied or untied embeddings and with LoRA;
-the attention plan is built once per batch while the layers are recomputed; the tiled path never saves a (T, V)
-tensor; the held-out eval figures are the same; the GPU recipes turn both on."""
+"""Activation checkpointing, the tiled loss and the tiled MLP change nothing but memory: on real packed rows (several
+dialogues per row, SMR and LMR samples) a tiny random-init Llama gives the same per-task losses and the same gradient
+of every parameter (fp32, 1e-5) with checkpointing on/off x tiled/untiled loss x tiled/untiled MLP, with tied or
+untied embeddings and with LoRA (on attention, or on the MLP alone); the attention plan is built once per batch while
+the layers are recomputed; the tiled loss never saves a (T, V) tensor, the tiled MLP no (T, intermediate) one; the
+held-out eval figures are the same; the GPU recipes turn them on."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pipeline.config import ConfigError, ModelConfig, load_config
 from pipeline.contract import DIALOGUE, DOC_IDS, INPUT_IDS, LMR, MASK_KIND, SMR, TARGETS
 from pipeline.modeling.forward import enable_activation_checkpointing
 from pipeline.modeling.loader import build_model
+from pipeline.modeling.tiled_mlp import enable_tiled_mlp, tiled_shards
 from pipeline.training.tiled_loss import batch_task_sums, batch_token_stats
 from tests.repo import REPO
 
@@ -49,11 +51,15 @@ def packed(tmp_path_factory, shared_data):
     return batch, SpecialIds(tok["bos_id"], tok["eou_id"], tok["pad_id"]), tok["vocab_size"]
 
 
-def tiny(packed, tied=True, lora=False, checkpointing=False):
+MLP_CHUNK = 40  # 3 chunks of a 128-token row; 10 of the 384 flattened positions in backward
+
+
+def tiny(packed, tied=True, lora=False, checkpointing=False, mlp_chunk=None, lora_targets=None):
     """The same random-init model every call (seed 0), in training mode."""
     _, ids, vocab = packed
+    lora_cfg = {"lora": {"enabled": True, **({"target_modules": lora_targets} if lora_targets else {})}} if lora else {}
     cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      tie_word_embeddings=tied, attention="sink", **({"lora": {"enabled": True}} if lora else {}))
+                      tie_word_embeddings=tied, attention="sink", **lora_cfg)
     torch.manual_seed(0)
     model = build_model(cfg, vocab, ids)
     if lora:  # LoRA's B starts at zero, so A would get no gradient: give both a value
@@ -62,6 +68,8 @@ def tiny(packed, tied=True, lora=False, checkpointing=False):
                 torch.nn.init.normal_(p, std=0.05)
     if checkpointing:
         enable_activation_checkpointing(model)
+    if mlp_chunk:
+        assert enable_tiled_mlp(model, mlp_chunk) == cfg.num_layers
     return model.train(), cfg
 
 
@@ -94,15 +102,38 @@ def assert_same(ref, other, what):
 @pytest.mark.parametrize("tied", [True, False], ids=["tied-embeddings", "untied"])
 def test_checkpointing_and_tiled_loss_give_the_same_loss_and_gradients(packed, tied, one_thread):
     ref = loss_and_grads(packed, None, tied=tied)
-    for checkpointing, chunk in [(True, None), (False, CHUNK), (True, CHUNK), (True, 384)]:
-        assert_same(ref, loss_and_grads(packed, chunk, tied=tied, checkpointing=checkpointing),
-                    f"checkpointing={checkpointing} loss_chunk={chunk}")
+    for checkpointing, chunk, mlp in [(True, None, None), (False, CHUNK, None), (True, CHUNK, None), (True, 384, None),
+                                      (False, None, MLP_CHUNK), (True, None, MLP_CHUNK), (True, CHUNK, MLP_CHUNK)]:
+        assert_same(ref, loss_and_grads(packed, chunk, tied=tied, checkpointing=checkpointing, mlp_chunk=mlp),
+                    f"checkpointing={checkpointing} loss_chunk={chunk} mlp_chunk={mlp}")
 
 
 def test_lora_with_checkpointing_and_tiled_loss_gives_the_same_gradients(packed, one_thread):
     ref = loss_and_grads(packed, None, lora=True)
     assert all("lora_" in name for name in ref[2]) and len(ref[2]) == 8  # A and B of q, v in 2 layers
     assert_same(ref, loss_and_grads(packed, CHUNK, lora=True, checkpointing=True), "lora + checkpointing + tiled")
+    assert_same(ref, loss_and_grads(packed, CHUNK, lora=True, checkpointing=True, mlp_chunk=MLP_CHUNK),
+                "lora + checkpointing + tiled loss + tiled MLP")
+
+
+def test_lora_on_the_mlp_alone_gets_its_gradients_through_the_tiled_mlp(packed, one_thread):
+    """Adapters on the MLP only: the first layer's MLP input needs no gradient (frozen embeddings and attention), yet
+    its adapters must get one."""
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    ref = loss_and_grads(packed, None, lora=True, lora_targets=targets)
+    assert len(ref[2]) == 12 and all("mlp" in name for name in ref[2])  # A and B of 3 projections in 2 layers
+    assert_same(ref, loss_and_grads(packed, CHUNK, lora=True, lora_targets=targets, mlp_chunk=MLP_CHUNK),
+                "MLP-only lora + tiled MLP")
+
+
+def test_tiled_mlp_shards_are_what_torch_chunk_gives():
+    for tokens, rows, chunk in [(128, 3, 40), (128, 1, 1), (5, 1, 2), (1000, 7, 3), (65536, 1, 4096), (7, 2, 100)]:
+        k = tiled_shards(tokens, rows, chunk)
+        assert 1 <= k <= -(-tokens // chunk)
+        assert len(torch.arange(tokens).chunk(k)) == k and len(torch.arange(rows * tokens).chunk(k)) == k
+    assert tiled_shards(128, 3, 40) == 4 and tiled_shards(65536, 1, 4096) == 16
+    with pytest.raises(ValueError, match="mlp_chunk"):
+        tiled_shards(10, 1, 0)
 
 
 def _attention_calls(packed, checkpointing):
@@ -127,9 +158,9 @@ def test_checkpointed_layers_are_recomputed_with_the_attention_plan_built_once(p
     assert forward_calls == len(calls) == layers  # without checkpointing nothing is recomputed
 
 
-def _largest_saved(packed, chunk):
-    """numel of the largest tensor autograd saves for backward during one forward of the training loss."""
-    model, cfg = tiny(packed)
+def _saved_sizes(packed, chunk, mlp_chunk=None):
+    """numel of every tensor autograd saves for backward during one forward of the training loss."""
+    model, cfg = tiny(packed, mlp_chunk=mlp_chunk)
     sizes = []
 
     def pack(t):
@@ -138,14 +169,21 @@ def _largest_saved(packed, chunk):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         batch_task_sums(model, packed[0], cfg, None, ONE, chunk)
-    return max(sizes)
+    return sizes
 
 
 def test_tiled_loss_never_keeps_the_full_logits(packed, one_thread):
     batch, _, vocab = packed
     full = batch[INPUT_IDS].numel() * vocab  # (B*T, V)
-    assert _largest_saved(packed, None) >= full  # the untiled loss keeps (B*T, V) logits for backward
-    assert _largest_saved(packed, CHUNK) < full // 4  # the tiled one keeps no logits at all
+    assert max(_saved_sizes(packed, None)) >= full  # the untiled loss keeps (B*T, V) logits for backward
+    assert max(_saved_sizes(packed, CHUNK)) < full // 4  # the tiled one keeps no logits at all
+
+
+def test_tiled_mlp_keeps_no_intermediate_activations(packed, one_thread):
+    intermediate = packed[0][INPUT_IDS].numel() * 64  # (B*T, intermediate_size)
+    untiled = _saved_sizes(packed, CHUNK)
+    assert untiled.count(intermediate) >= 2 * 2  # gate and up outputs (at least) in each of the 2 layers
+    assert intermediate not in _saved_sizes(packed, CHUNK, mlp_chunk=MLP_CHUNK)  # only each MLP's input is kept
 
 
 def test_held_out_eval_figures_are_the_same_tiled(packed, one_thread):

@@ -1,6 +1,7 @@
-"""Activation checkpointing + the tiled loss under the real launcher: ZeRO-3 on 2 ranks (tied embeddings, whose
-partitioned lm_head weight is gathered per chunk, and the held-out eval) and Ulysses SP=2 with LoRA train exactly
-like the plain run: same per-step losses (1e-5) and the same parameters after the run (1e-5), on real SMR + LMR rows
+"""Activation checkpointing + the tiled loss + the tiled MLP under the real launcher: ZeRO-3 on 2 ranks (tied
+embeddings, whose partitioned lm_head weight is gathered per chunk, partitioned MLP weights gathered per MLP chunk and
+their gradients held back to the last chunk, and the held-out eval) and Ulysses SP=2 with LoRA train exactly like
+the plain run: same per-step losses (1e-5) and the same parameters after the run (1e-5), on real SMR + LMR rows
 under the sink attention."""
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ BASE = ["data.seq_len=128", "model.max_position_embeddings=512", "model.hidden_s
         "model.num_heads=4", "model.num_kv_heads=2", "model.attention=sink", "train.stage=memory", "train.nproc=2",
         "train.micro_batch_size=2", "train.grad_accum=2", "train.lr=5e-3", "train.warmup_steps=1", "train.max_steps=4",
         "train.save_every=4", "wandb.mode=disabled"]
-MEMORY_SAVING = ["train.activation_checkpointing=true", "train.loss_chunk=50"]  # 50 divides no row: chunks straddle rows
+MEMORY_SAVING = ["train.activation_checkpointing=true", "train.loss_chunk=50",  # 50 divides no row: chunks straddle rows
+                 "train.mlp_chunk=50"]  # 3 MLP chunks of a 128-token row (2 of a 64-token SP shard)
 
 
 @pytest.fixture(scope="module")
