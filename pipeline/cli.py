@@ -160,9 +160,9 @@ def cmd_bench_inference(args) -> int:
 
 
 def cmd_bench_memory(args) -> int:
-    from pipeline.bench.memory import CONFIGS, bench_memory, format_tables
+    from pipeline.bench.memory import DEFAULT_CONFIGS, bench_memory, format_tables
 
-    r = bench_memory(args.model, args.out, seq_lens=args.seq_lens, configs=tuple(args.configs or CONFIGS),
+    r = bench_memory(args.model, args.out, seq_lens=args.seq_lens, configs=tuple(args.configs or DEFAULT_CONFIGS),
                      cap_gb=args.cap_gb, loss_chunk=args.loss_chunk, steps=args.steps, threads=args.threads,
                      resume=args.resume, max_seq_len=args.max_seq_len, release_memory=not args.keep_freed_memory)
     print(format_tables(r))
@@ -217,9 +217,9 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--out", required=True, help="JSON output (a PNG plot is written next to it)")
     s.add_argument("--seq-lens", type=int, nargs="+", help="lengths (default: doubling from 2048 to --max-seq-len)")
     s.add_argument("--max-seq-len", type=int, default=131072, help="longest default length")
-    s.add_argument("--configs", nargs="+", help="configurations (default: all of pipeline.bench.memory.CONFIGS)")
+    s.add_argument("--configs", nargs="+", help="configurations of pipeline.bench.memory.CONFIGS (default: its DEFAULT_CONFIGS)")
     s.add_argument("--cap-gb", type=float, default=20.0, help="memory cap per point (RSS, GB)")
-    s.add_argument("--loss-chunk", type=int, default=1024, help="tokens per tiled-loss chunk")
+    s.add_argument("--loss-chunk", type=int, default=1024, help="tokens per tiled-loss chunk (and tiled-MLP chunk)")
     s.add_argument("--steps", type=int, default=1, help="training steps per point (the last one is timed)")
     s.add_argument("--threads", type=int, help="torch threads per point (default: torch's)")
     s.add_argument("--resume", action="store_true", help="keep the points already in --out and run the rest")

@@ -33,12 +33,15 @@ from pipeline.contract import (BLK, DENSE, DIALOGUE, DOC_IDS, EOU, INPUT_IDS, LA
                                TARGETS, UTT_IDS, targets_from_labels)
 
 SINK_CKPT_TILED, SINK_ONLY, CAUSAL_CKPT_TILED, DENSE_MASK = "sink_ckpt_tiled", "sink", "causal_ckpt_tiled", "dense_mask"
-CONFIGS = {  # name: (attention, activation checkpointing, tiled loss)
-    SINK_CKPT_TILED: (SINK, True, True),
-    SINK_ONLY: (SINK, False, False),  # today's path
-    CAUSAL_CKPT_TILED: ("causal_sdpa", True, True),
-    DENSE_MASK: (DENSE, False, False),  # SDPA with the T×T dialogue mask
+SINK_CKPT_TILED_MLP = "sink_ckpt_tiled_mlp"
+CONFIGS = {  # name: (attention, activation checkpointing, tiled loss, tiled MLP)
+    SINK_CKPT_TILED: (SINK, True, True, False),
+    SINK_ONLY: (SINK, False, False, False),  # the path before issue 12
+    CAUSAL_CKPT_TILED: ("causal_sdpa", True, True, False),
+    DENSE_MASK: (DENSE, False, False, False),  # SDPA with the T×T dialogue mask
+    SINK_CKPT_TILED_MLP: (SINK, True, True, True),  # and each MLP in chunks of the loss chunk's tokens (asked for by name)
 }
+DEFAULT_CONFIGS = (SINK_CKPT_TILED, SINK_ONLY, CAUSAL_CKPT_TILED, DENSE_MASK)
 THROUGHPUT_LENS = (8192, 16384, 32768)
 MMAP_THRESHOLD = 128 * 1024  # bytes: glibc's initial mmap threshold, kept fixed (see ``release_freed_memory``)
 POLL_S = 0.05
@@ -100,7 +103,7 @@ def step_loss(model, batch: dict, config: str, loss_chunk: int) -> torch.Tensor:
     from pipeline.attention.masks import MaskParams
     from pipeline.attention.registry import prepare_attention
 
-    impl, _, tiled = CONFIGS[config]
+    impl, _, tiled, _ = CONFIGS[config]
     attn = CausalSDPA() if impl == "causal_sdpa" else prepare_attention(batch, impl, MaskParams())
     return loss_with(model, batch, attn, tiled, loss_chunk)
 
@@ -147,6 +150,7 @@ def measure_point(folder: str, config: str, T: int, loss_chunk: int, steps: int,
 
     from pipeline.attention.registry import register
     from pipeline.modeling.forward import enable_activation_checkpointing
+    from pipeline.modeling.tiled_mlp import enable_tiled_mlp
 
     allocator = release_freed_memory() if release_memory else "default"
     if threads:
@@ -156,6 +160,8 @@ def measure_point(folder: str, config: str, T: int, loss_chunk: int, steps: int,
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), attn_implementation="convsink").train()
     if CONFIGS[config][1]:
         enable_activation_checkpointing(model)
+    if CONFIGS[config][3]:
+        enable_tiled_mlp(model, loss_chunk)
     batch = conversation_row(T, data_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     base = _rss_gb()
@@ -234,7 +240,7 @@ def doubling(start: int, stop: int) -> list[int]:
     return out
 
 
-def bench_memory(model: str, out: str, seq_lens=None, configs=tuple(CONFIGS), cap_gb: float = 20.0,
+def bench_memory(model: str, out: str, seq_lens=None, configs=DEFAULT_CONFIGS, cap_gb: float = 20.0,
                  loss_chunk: int = 1024, steps: int = 1, threads: int | None = None, data_dir: str | None = None,
                  resume: bool = False, max_seq_len: int = 131072, release_memory: bool = True) -> dict:
     """Sweep every configuration over ``seq_lens`` (default: doubling 2,048 .. ``max_seq_len``) in order, stopping a
@@ -254,7 +260,7 @@ def bench_memory(model: str, out: str, seq_lens=None, configs=tuple(CONFIGS), ca
                           "init": "random (seed 0)", "dtype": "float32", "optimizer": "torch AdamW",
                           "step": "forward + backward + optimizer step, one conversation row (batch 1)",
                           "text": "real MSC utterances back to back (all sessions of each episode), SmolLM2 tokenizer, cycled to T",
-                          "configs": {c: dict(zip(("attention", "checkpointing", "tiled_loss"), CONFIGS[c])) for c in configs},
+                          "configs": {c: dict(zip(("attention", "checkpointing", "tiled_loss", "tiled_mlp"), CONFIGS[c])) for c in configs},
                           "cap_gb": cap_gb, "cap_method": f"child VmRSS polled every {POLL_S}s, killed past the cap; VmHWM checked",
                           "release_freed_memory": release_memory, "loss_chunk": loss_chunk, "steps": steps, "cpu_count": os.cpu_count(), "torch": torch.__version__},
               "points": list(old)}

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pipeline.bench.memory import CONFIGS, fitted_exponent
+from pipeline.bench.memory import DEFAULT_CONFIGS, fitted_exponent
 from tests.repo import REPO
 
 
@@ -26,7 +26,7 @@ def test_every_configuration_reports_each_point(tmp_path, shared_data):
     proc, result = _bench(tmp_path, "mem.json", "--seq-lens", "128", "256")
     assert (tmp_path / "mem.png").stat().st_size > 0
     points = {(p["config"], p["T"]): p for p in result["points"]}
-    assert set(points) == {(c, T) for c in CONFIGS for T in (128, 256)}
+    assert set(points) == {(c, T) for c in DEFAULT_CONFIGS for T in (128, 256)}
     for p in points.values():
         assert p["fits"] and 0 < p["max_rss_seen_gb"] <= p["cap_gb"]
         assert p["peak_rss_gb"] > p["rss_before_step_gb"] > 0
@@ -37,7 +37,7 @@ def test_every_configuration_reports_each_point(tmp_path, shared_data):
         assert abs(points[("sink", T)]["loss"] - points[("dense_mask", T)]["loss"]) < 1e-4
         assert abs(points[("sink", T)]["loss"] - points[("sink_ckpt_tiled", T)]["loss"]) < 1e-4
         assert abs(points[("sink", T)]["loss"] - points[("causal_ckpt_tiled", T)]["loss"]) > 1e-4
-    assert {c: s["longest_T_fit"] for c, s in result["summary"].items()} == {c: 256 for c in CONFIGS}
+    assert {c: s["longest_T_fit"] for c, s in result["summary"].items()} == {c: 256 for c in DEFAULT_CONFIGS}
     assert [r["T"] for r in result["throughput"]] == [128, 256]
     assert all(r["sink_over_causal_cpu_time"] > 0 for r in result["throughput"])
     assert "| sink / causal (wall) |" in proc.stdout
@@ -51,6 +51,14 @@ def test_over_cap_point_does_not_fit_and_ends_the_sweep(tmp_path, shared_data):
     assert p["T"] == 128 and p["fits"] is False and "cap" in p["reason"]
     assert result["summary"]["sink_ckpt_tiled"] == {"longest_T_fit": None, "first_T_not_fit": 128,
                                                      "peak_exponent": None, "step_memory_exponent": None}
+
+
+def test_the_tiled_mlp_configuration_runs_when_named_and_changes_no_loss(tmp_path, shared_data):
+    _, result = _bench(tmp_path, "mlp.json", "--seq-lens", "256", "--configs", "sink_ckpt_tiled", "sink_ckpt_tiled_mlp")
+    (plain, tiled) = result["points"]  # --loss-chunk 64: four MLP chunks of the 256-token row
+    assert (plain["config"], tiled["config"]) == ("sink_ckpt_tiled", "sink_ckpt_tiled_mlp") and tiled["fits"]
+    assert result["setting"]["configs"]["sink_ckpt_tiled_mlp"]["tiled_mlp"] is True
+    assert abs(plain["loss"] - tiled["loss"]) < 1e-5
 
 
 def test_fitted_exponent_reads_the_growth():
