@@ -69,12 +69,12 @@ def test_points_past_the_time_budget_are_listed_as_not_run(tmp_path, shared_data
 
 
 def test_mlp_chunk_tiles_the_steps_mlps_without_changing_their_losses(tmp_path, shared_data):
-    args = ("--attention-lens", "--compare-lens", "256", "--max-len", "512")
+    args = ("--attention-lens", "--compare-lens", "128", "--max-len", "256")
     plain = _bench(tmp_path / "plain", *args)
-    tiled = _bench(tmp_path / "tiled", *args, "--mlp-chunk", "100")  # 3 chunks of 256 tokens
-    assert plain["setting"]["mlp_chunk"] is None and tiled["setting"]["mlp_chunk"] == 100
-    assert "tiled MLP (mlp_chunk 100)" in tiled["setting"]["step"] and plain["attention"] == tiled["attention"] == []
-    assert [(p["method"], p["T"]) for p in tiled["steps"]] == [(SINK_FLEX, 256), (CAUSAL, 256), (SINK_FLEX, 512)]
+    tiled = _bench(tmp_path / "tiled", *args, "--mlp-chunk", "50")  # 3 chunks of 128 tokens, 6 of 256
+    assert plain["setting"]["mlp_chunk"] is None and tiled["setting"]["mlp_chunk"] == 50
+    assert "tiled MLP (mlp_chunk 50)" in tiled["setting"]["step"] and plain["attention"] == tiled["attention"] == []
+    assert [(p["method"], p["T"]) for p in tiled["steps"]] == [(SINK_FLEX, 128), (CAUSAL, 128), (SINK_FLEX, 256)]
     assert tiled["errors"] == [] and len(plain["steps"]) == 3
     for a, b in zip(plain["steps"], tiled["steps"]):  # the loss after one AdamW step: same model, same row
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and a["loss"] > 5
