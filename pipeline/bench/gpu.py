@@ -54,7 +54,8 @@ class CausalRepeatKV:
             return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
 
 
-def sink_attention(batch: dict, impl: str):  # 'flex' (FlexSinkAttention, compiled on CUDA) or 'sink' (CPU kernel)
+def sink_attention(batch: dict, impl: str):
+    """The per-batch sink attention: 'flex' (``FlexSinkAttention``, compiled on CUDA) or 'sink' (the CPU kernel)."""
     return prepare_attention(batch, impl, MaskParams())
 
 
@@ -181,7 +182,8 @@ def build_model(spec: str, device, dtype, mlp_chunk: int | None = None):
     return model.train()
 
 
-def checkpointing_on(model) -> bool:  # transformers' switch: is_activation_checkpointing from 5.x, else the old name
+def checkpointing_on(model) -> bool:
+    """Whether transformers' activation checkpointing is on (``is_activation_checkpointing`` from 5.x, else the old name)."""
     return bool(getattr(model, "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"))
 
 
