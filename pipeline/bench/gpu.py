@@ -35,6 +35,7 @@ from pipeline.attention.sink_kernel import flex_attention_fn
 from pipeline.attention.sink_plan import band_start, batch_meta, row_meta, sink_keys
 from pipeline.bench.memory import conversation_source, doubling, loss_with, row_from_source
 from pipeline.contract import DIALOGUE, DOC_IDS, MASK_KIND
+from pipeline.modeling.tiled_mlp import enable_tiled_mlp, tiled_mlp_layers
 
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM, dense bf16 (datasheet)
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -169,7 +170,6 @@ def build_model(spec: str, device, dtype, mlp_chunk: int | None = None):
     from pipeline.attention.registry import register
     from pipeline.bench.memory import model_folder
     from pipeline.modeling.forward import enable_activation_checkpointing
-    from pipeline.modeling.tiled_mlp import enable_tiled_mlp
 
     register()
     config = LlamaConfig(**LLAMA_1B) if spec == "llama1b" else AutoConfig.from_pretrained(model_folder(spec))
@@ -277,6 +277,7 @@ def bench_gpu(out: str, model_spec: str = "llama1b", attention_lens=(16384, 3276
                           "step": "forward + backward + torch AdamW step (weights, gradients and optimizer state in "
                                   f"{dtype}), activation checkpointing per layer, tiled loss (loss_chunk {loss_chunk})"
                                   + (f", tiled MLP (mlp_chunk {mlp_chunk})" if mlp_chunk else ""), "mlp_chunk": mlp_chunk,
+                          "tiled_mlp_layers": tiled_mlp_layers(model),
                           "text": "real MSC utterances back to back, SmolLM2 token ids, cycled to T (one conversation row)",
                           "mfu": "6·N·T + 12·L·H·D·(pairs the mask allows), no recomputation counted, over the peak rate",
                           "peak_tflops": peak_tflops, "time_budget_s": time_budget_s},

@@ -150,7 +150,7 @@ def measure_point(folder: str, config: str, T: int, loss_chunk: int, steps: int,
 
     from pipeline.attention.registry import register
     from pipeline.modeling.forward import enable_activation_checkpointing
-    from pipeline.modeling.tiled_mlp import enable_tiled_mlp
+    from pipeline.modeling.tiled_mlp import enable_tiled_mlp, tiled_mlp_layers
 
     allocator = release_freed_memory() if release_memory else "default"
     if threads:
@@ -176,7 +176,7 @@ def measure_point(folder: str, config: str, T: int, loss_chunk: int, steps: int,
         cpu.append(time.process_time() - c0)  # all threads' CPU seconds: steadier than wall time on a shared CPU
     return {"config": config, "T": T, "peak_rss_gb": _peak_rss_gb(), "rss_before_step_gb": base,
             "step_seconds": times[-1], "step_cpu_seconds": cpu[-1], "all_step_seconds": times, "tokens_per_s": T / times[-1], "loss": float(loss),
-            "torch_threads": torch.get_num_threads(), "allocator": allocator}
+            "torch_threads": torch.get_num_threads(), "allocator": allocator, "tiled_mlp_layers": tiled_mlp_layers(model)}
 
 
 def _vm_rss_gb(pid: int) -> float:

@@ -14,52 +14,61 @@ routed through the tiling (so export, LoRA adapters and ZeRO-3's per-module hook
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 
-def tiled_shards(tokens: int, rows: int, chunk: int) -> int:
-    """How many chunks a ``(rows, tokens, hidden)`` input is cut into: ``ceil(tokens / chunk)``, lowered until
-    ``torch.chunk`` gives exactly that many pieces both of the tokens (forward) and of the ``rows · tokens``
-    flattened positions (backward): DeepSpeed releases the held-back gradients at the last of ``shards`` pieces,
-    so a missing piece would hold them forever. Every rank computes the same number from the same shape, so ZeRO-3's
-    per-call parameter gathers stay in step."""
+def tiled_shards(tokens: int, chunk: int) -> int:
+    """How many chunks a ``(rows, tokens, hidden)`` input is cut into: ``k = ceil(tokens / chunk)``. DeepSpeed cuts
+    the tokens into k pieces with ``torch.chunk`` in forward and the flattened ``rows · tokens`` positions in backward,
+    and releases the held-back gradients at the k-th piece, so both cuts must give exactly k pieces. They do, for any
+    rows: a piece has ``s = ceil(rows · tokens / k) <= rows · chunk`` positions (as tokens <= k · chunk), and
+    ``(k - 1) · chunk < tokens`` gives ``s · (k - 1) < rows · tokens``: the first k - 1 pieces leave something for
+    the k-th. Every rank computes k from the same ``seq_len`` (or its SP shard), so ZeRO-3's per-call parameter
+    gathers stay in step."""
     if chunk < 1:
         raise ValueError(f"mlp_chunk={chunk} must be at least 1")
-    shards = max(1, -(-tokens // chunk))
-    exact = lambda n, k: -(-n // k) * (k - 1) < n  # torch.chunk(n, k) gives k pieces
-    while shards > 1 and not (exact(tokens, shards) and exact(rows * tokens, shards)):
-        shards -= 1
-    return shards
+    return max(1, -(-tokens // chunk))
 
 
-def _tiled_forward(mlp: torch.nn.Module, forward, chunk: int, x: torch.Tensor) -> torch.Tensor:
-    # x (B, T, hidden) → (B, T, hidden)
-    shards = tiled_shards(x.shape[-2], x[..., 0, 0].numel(), chunk)
-    if shards == 1:
-        return forward(x)
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+class _TiledForward:
+    """The ``forward`` of one tiled ``mlp`` instance: its own forward, run through DeepSpeed's ``TiledMLP``."""
 
-    params = [p for p in mlp.parameters() if p.requires_grad]
-    if params and torch.is_grad_enabled() and not x.requires_grad:
-        # the parameters are not inputs of the autograd function: without an input that requires grad its output
-        # would not either, and adapters on the MLP alone (frozen layers below) would get no gradient
-        x = x.detach().requires_grad_()
-    return TiledMLP.apply(lambda module, xs: forward(xs), mlp, x, shards, params)
+    def __init__(self, mlp: torch.nn.Module, forward, chunk: int):
+        self.mlp, self.forward, self.chunk = mlp, forward, chunk
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x (B, T, hidden) → (B, T, hidden)
+        shards = tiled_shards(x.shape[-2], self.chunk)
+        if shards == 1:
+            return self.forward(x)
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+        params = [p for p in self.mlp.parameters() if p.requires_grad]
+        if params and torch.is_grad_enabled() and not x.requires_grad:
+            # the parameters are not inputs of the autograd function: without an input that requires grad its output
+            # would not either, and adapters on the MLP alone (frozen layers below) would get no gradient
+            x = x.detach().requires_grad_()
+        return TiledMLP.apply(lambda module, xs: self.forward(xs), self.mlp, x, shards, params)
+
+
+def _decoder_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [m.mlp for m in base.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module)]
+
+
+def tiled_mlp_layers(model: torch.nn.Module) -> int:
+    """How many decoder layers of ``model`` have their MLP tiled (what a bench records, from the model itself)."""
+    return sum(isinstance(mlp.forward, _TiledForward) for mlp in _decoder_mlps(model))
 
 
 def enable_tiled_mlp(model: torch.nn.Module, chunk: int) -> int:
     """Route the ``mlp`` of every decoder layer of ``model`` (a causal LM or a peft model) through the tiling, in
-    chunks of ``chunk`` tokens; returns the number of layers."""
-    if chunk < 1:
-        raise ValueError(f"mlp_chunk={chunk} must be at least 1")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = [m for m in base.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module)]
-    if not layers:
-        raise ValueError(f"{type(base).__name__} has no decoder layer with an `mlp` module to tile")
-    for layer in layers:
-        mlp = layer.mlp
-        if not isinstance(mlp.forward, functools.partial):  # already tiled: leave it
-            mlp.forward = functools.partial(_tiled_forward, mlp, mlp.forward, chunk)
-    return len(layers)
+    chunks of ``chunk`` tokens (an MLP tiled already keeps its chunk); returns the number of layers."""
+    tiled_shards(1, chunk)  # rejects chunk < 1 before touching the model
+    mlps = _decoder_mlps(model)
+    if not mlps:
+        raise ValueError(f"{type(model).__name__} has no decoder layer with an `mlp` module to tile")
+    for mlp in mlps:
+        if not isinstance(mlp.forward, _TiledForward):
+            mlp.forward = _TiledForward(mlp, mlp.forward, chunk)
+    return len(mlps)

@@ -73,6 +73,8 @@ def test_mlp_chunk_tiles_the_steps_mlps_without_changing_their_losses(tmp_path, 
     plain = _bench(tmp_path / "plain", *args)
     tiled = _bench(tmp_path / "tiled", *args, "--mlp-chunk", "50")  # 3 chunks of 128 tokens, 6 of 256
     assert plain["setting"]["mlp_chunk"] is None and tiled["setting"]["mlp_chunk"] == 50
+    layers = tiled["setting"]["model_config"]["num_hidden_layers"]
+    assert plain["setting"]["tiled_mlp_layers"] == 0 and tiled["setting"]["tiled_mlp_layers"] == layers  # read off the model
     assert "tiled MLP (mlp_chunk 50)" in tiled["setting"]["step"] and plain["attention"] == tiled["attention"] == []
     assert [(p["method"], p["T"]) for p in tiled["steps"]] == [(SINK_FLEX, 128), (CAUSAL, 128), (SINK_FLEX, 256)]
     assert tiled["errors"] == [] and len(plain["steps"]) == 3

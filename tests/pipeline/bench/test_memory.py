@@ -58,6 +58,8 @@ def test_the_tiled_mlp_configuration_runs_when_named_and_changes_no_loss(tmp_pat
     (plain, tiled) = result["points"]  # --loss-chunk 64: four MLP chunks of the 256-token row
     assert (plain["config"], tiled["config"]) == ("sink_ckpt_tiled", "sink_ckpt_tiled_mlp") and tiled["fits"]
     assert result["setting"]["configs"]["sink_ckpt_tiled_mlp"]["tiled_mlp"] is True
+    layers = result["setting"]["model_config"]["num_hidden_layers"]
+    assert (plain["tiled_mlp_layers"], tiled["tiled_mlp_layers"]) == (0, layers)  # read off the point's model
     assert abs(plain["loss"] - tiled["loss"]) < 1e-5
 
 

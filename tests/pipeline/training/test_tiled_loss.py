@@ -18,7 +18,7 @@ from pipeline.config import ConfigError, ModelConfig, load_config
 from pipeline.contract import DIALOGUE, DOC_IDS, INPUT_IDS, LMR, MASK_KIND, SMR, TARGETS
 from pipeline.modeling.forward import enable_activation_checkpointing
 from pipeline.modeling.loader import build_model
-from pipeline.modeling.tiled_mlp import enable_tiled_mlp, tiled_shards
+from pipeline.modeling.tiled_mlp import enable_tiled_mlp, tiled_mlp_layers, tiled_shards
 from pipeline.training.tiled_loss import batch_task_sums, batch_token_stats
 from tests.repo import REPO
 
@@ -69,7 +69,7 @@ def tiny(packed, tied=True, lora=False, checkpointing=False, mlp_chunk=None, lor
     if checkpointing:
         enable_activation_checkpointing(model)
     if mlp_chunk:
-        assert enable_tiled_mlp(model, mlp_chunk) == cfg.num_layers
+        assert enable_tiled_mlp(model, mlp_chunk) == cfg.num_layers == tiled_mlp_layers(model)
     return model.train(), cfg
 
 
@@ -126,14 +126,21 @@ def test_lora_on_the_mlp_alone_gets_its_gradients_through_the_tiled_mlp(packed, 
                 "MLP-only lora + tiled MLP")
 
 
-def test_tiled_mlp_shards_are_what_torch_chunk_gives():
-    for tokens, rows, chunk in [(128, 3, 40), (128, 1, 1), (5, 1, 2), (1000, 7, 3), (65536, 1, 4096), (7, 2, 100)]:
-        k = tiled_shards(tokens, rows, chunk)
-        assert 1 <= k <= -(-tokens // chunk)
-        assert len(torch.arange(tokens).chunk(k)) == k and len(torch.arange(rows * tokens).chunk(k)) == k
-    assert tiled_shards(128, 3, 40) == 4 and tiled_shards(65536, 1, 4096) == 16
+def test_tiled_mlp_cuts_are_exactly_its_shards_and_no_piece_exceeds_the_chunk():
+    """DeepSpeed releases the held-back gradients at the last of ``shards`` pieces: both of its cuts (tokens in
+    forward, rows x tokens in backward) must give exactly that many, and no piece may hold more than a chunk's tokens
+    per row (the memory bound)."""
+    for tokens in [1, 2, 5, 9, 10, 127, 128, 129, 1000, 4097]:
+        for chunk in [1, 2, 3, 4, 7, 40, 100, 4096]:
+            k = tiled_shards(tokens, chunk)
+            forward = torch.arange(tokens).chunk(k)
+            assert len(forward) == k and max(len(p) for p in forward) <= chunk, (tokens, chunk)
+            for rows in [1, 2, 3, 7]:
+                backward = torch.arange(rows * tokens).chunk(k)
+                assert len(backward) == k and max(len(p) for p in backward) <= rows * chunk, (tokens, chunk, rows)
+    assert tiled_shards(128, 40) == 4 and tiled_shards(65536, 4096) == 16 and tiled_shards(100, 4096) == 1
     with pytest.raises(ValueError, match="mlp_chunk"):
-        tiled_shards(10, 1, 0)
+        tiled_shards(10, 0)
 
 
 def _attention_calls(packed, checkpointing):
