@@ -98,8 +98,8 @@ def cmd_chat(args) -> int:
 def cmd_bench_attention(args) -> int:
     from pipeline.bench.attention import bench_attention, summary_line
 
-    result = bench_attention(args.out, seq_lens=tuple(args.seq_lens), heads=args.heads, head_dim=args.head_dim, repeats=args.repeats,
-                             chunk=args.chunk, threads=args.threads, layout=args.layout, kv_heads=args.kv_heads, rounds=args.rounds)
+    names = ("heads", "head_dim", "repeats", "chunk", "threads", "layout", "kv_heads", "rounds", "min_seconds")
+    result = bench_attention(args.out, seq_lens=tuple(args.seq_lens), **{n: getattr(args, n) for n in names})
     for r in result["summary"]:
         print(summary_line(r))
     print(f"bench: wrote {args.out}")
@@ -184,13 +184,13 @@ def _bench_parser(sub) -> argparse._SubParsersAction:
     s.add_argument("--head-dim", type=int, default=32, help="head dimension")
     s.add_argument("--repeats", type=int, default=3, help="timed repeats per round (the minimum is reported)")
     s.add_argument("--rounds", type=int, default=1, help="the methods take turns this many times per length (runs spread over the same minutes)")
+    s.add_argument("--min-seconds", type=float, help="per method and round, runs until they add up to this (default 3; at least --repeats runs)")
     s.add_argument("--chunk", type=int, help="sink attention query chunk (default: pipeline.attention.sink_kernel.CHUNK)")
     s.add_argument("--threads", type=int, help="torch threads per measurement (default: torch's; 1 is steadier on a shared CPU)")
-    s.add_argument("--layout", choices=["conversation", "packed"], default="conversation",
-                   help="conversation = one MSC-shaped conversation of T tokens; packed = real MSC episodes packed into T (as in training)")
+    s.add_argument("--layout", choices=["conversation", "packed"], default="conversation", help="conversation = one MSC-shaped "
+                   "conversation of T tokens; packed = real MSC episodes packed into T (as in training)")
     s.set_defaults(fn=cmd_bench_attention)
-    s = inner.add_parser("prep", help="Ray pipeline vs single-process loop (tokens/s); packing efficiency at 2048/8192; "
-                         "--scale N: at corpus scale")
+    s = inner.add_parser("prep", help="Ray pipeline vs single-process loop (tokens/s), packing efficiency; --scale N: at corpus scale")
     s.add_argument("--out", help="JSON output file (default: bench/prep_cpu.json, with --scale bench/prep_scale_cpu.json)")
     s.add_argument("--workers", type=int, help="Ray workers (default: all CPUs; with --scale 2)")
     s.add_argument("--scale", type=int, nargs="?", const=DEFAULT_SCALE_COPIES, metavar="N",

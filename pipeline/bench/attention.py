@@ -23,6 +23,8 @@ from data_prep.paths import REPO_ROOT, shared_data_dir
 from pipeline.contract import BLK, CAUSAL, DIALOGUE, DOC_IDS, EOU, MASK_KIND, POSITION_IDS, UTT_IDS
 
 DEFAULT_SEQ_LENS = (2048, 4096, 8192, 16384)
+MIN_SECONDS = 3.0  # timed seconds per method and round: the sink's runs span as much of the machine's time as causal's
+MAX_RUNS = 1000  # a cap on the runs that min_seconds asks for
 METHODS = ("sink", "dense_mask", CAUSAL)
 
 
@@ -133,9 +135,12 @@ def _peak_rss_gb() -> float:
 
 def measure(method: str, T: int, heads: int, head_dim: int, episodes: list[list[int]], repeats: int,
             chunk: int | None = None, threads: int | None = None, layout: str = "conversation",
-            kv_heads: int | None = None) -> dict:
-    """Forward + backward seconds (min over ``repeats``) of one method on one conversation of T tokens. The
-    sink method's time includes building its per-batch plan (done once per batch, shared by all layers)."""
+            kv_heads: int | None = None, min_seconds: float = 0.0) -> dict:
+    """Forward + backward seconds (the minimum over the runs) of one method on one conversation of T tokens: at
+    least ``repeats`` runs, and more until the runs add up to ``min_seconds`` (at most ``MAX_RUNS``), so that a fast
+    method samples this shared machine for as long as a slow one instead of a fraction of a second (as timeit's
+    autorange and Google Benchmark's min_time do). The sink method's time includes building its per-batch plan
+    (done once per batch, shared by all layers)."""
     import torch.nn.functional as F
 
     if threads:
@@ -162,7 +167,7 @@ def measure(method: str, T: int, heads: int, head_dim: int, episodes: list[list[
     process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # imports included
     reset = _reset_peak_rss()
     times, plan_times, extra = [], [], {}
-    for _ in range(repeats):
+    while len(times) < repeats or (sum(times) < min_seconds and len(times) < MAX_RUNS):
         t0 = time.perf_counter()
         if method == "sink":
             attn = SinkAttention(batch, params, chunk=chunk or CHUNK)
@@ -220,18 +225,22 @@ def merge_rounds(parts: list[dict]) -> dict:
 
 def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_dim: int = 32, repeats: int = 3,
                     data_dir: str | None = None, chunk: int | None = None, threads: int | None = None,
-                    methods=METHODS, layout: str = "conversation", kv_heads: int | None = None, rounds: int = 1) -> dict:
+                    methods=METHODS, layout: str = "conversation", kv_heads: int | None = None, rounds: int = 1,
+                    min_seconds: float | None = None) -> dict:
     """Sink attention vs dense-mask SDPA vs plain causal SDPA (``is_causal=True``), forward + backward, fp32, at each
     length of ``seq_lens``; writes and returns the JSON. ``layout``: ``conversation`` = one MSC-shaped conversation
     of T tokens (its EoU sinks grow with T: the sink part of the work is about T²/(2·L) pairs for utterances of L
     tokens); ``packed`` = real MSC episodes packed into T, as training sees them (work per token bounded).
     ``rounds``: at each length the methods run in turn ``rounds`` times (``repeats`` runs each time, a fresh process
     each), so every method's runs are spread over the same minutes instead of one method's few seconds: a slow spell
-    of this shared machine then falls on all methods alike."""
+    of this shared machine then falls on all methods alike. ``min_seconds``: each time, a method runs until its runs
+    add up to this many seconds (``measure``; None: ``MIN_SECONDS``), so the fast sink samples the machine as long
+    as slow causal SDPA does."""
     if layout not in ("conversation", "packed"):
         raise ValueError(f"layout must be 'conversation' or 'packed', not {layout!r}")
-    if rounds < 1 or repeats < 1:
-        raise ValueError(f"rounds and repeats must be at least 1, not {rounds} and {repeats}")
+    min_seconds = MIN_SECONDS if min_seconds is None else min_seconds
+    if rounds < 1 or repeats < 1 or min_seconds < 0:
+        raise ValueError(f"rounds and repeats must be at least 1 and min_seconds at least 0, not {rounds}, {repeats} and {min_seconds}")
     from pipeline.attention.sink_kernel import CHUNK
 
     episodes = msc_episode_lengths(data_dir)
@@ -244,15 +253,17 @@ def bench_attention(out: str, seq_lens=DEFAULT_SEQ_LENS, heads: int = 2, head_di
             for method in methods:
                 parts[method].append(_run_isolated({"method": method, "T": T, "heads": heads, "head_dim": head_dim,
                                                     "episodes": episodes, "repeats": repeats, "chunk": chunk,
-                                                    "threads": threads, "layout": layout, "kv_heads": kv_heads}))
+                                                    "threads": threads, "layout": layout, "kv_heads": kv_heads,
+                                                    "min_seconds": min_seconds}))
         for method in methods:
             rows.append(merge_rounds(parts[method]))
             print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("all_seconds", "warm_seconds")}), flush=True)
     summary, scaling = summarize(rows, seq_lens)
     mean_len = sum(lengths) / len(lengths)
-    result = {"setting": {"heads": heads, "kv_heads": kv_heads or heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "repeats": repeats, "rounds": rounds,
+    result = {"setting": {"heads": heads, "kv_heads": kv_heads or heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "repeats": repeats, "rounds": rounds, "min_seconds": min_seconds,
                           "inputs": "(B, H, T, D) views of (B, T, H, D) memory, as a Llama layer passes them",
-                          "timing": "forward + backward, min over every run (medians: over the runs after each round's first); "
+                          "timing": "forward + backward, min over every run (medians: over the runs after each round's first); at least "
+                                    "`repeats` runs per round, more until they add up to `min_seconds`; "
                                     "sink includes building its plan; the methods take turns, one round after another",
                           "mask": DIALOGUE, "chunk": chunk or CHUNK, "layout": layout,
                           "episodes_sampled": len(episodes),

@@ -12,7 +12,7 @@ from tests.repo import REPO
 def test_bench_attention_writes_json(tmp_path, shared_data):
     out = tmp_path / "attn.json"
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "attention", "--out", str(out), "--seq-lens", "512",
-                           "1024", "--repeats", "3", "--rounds", "2", "--heads", "2", "--kv-heads", "1", "--head-dim", "8"], cwd=REPO,
+                           "1024", "--repeats", "3", "--rounds", "2", "--min-seconds", "0", "--heads", "2", "--kv-heads", "1", "--head-dim", "8"], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
@@ -32,6 +32,21 @@ def test_bench_attention_writes_json(tmp_path, shared_data):
     assert result["summary"][1]["key_fraction_computed"] < result["summary"][0]["key_fraction_computed"]
     assert all(r["peak_reset"] for r in result["rows"])  # the work's own peak, not the import-time high-water mark
     assert "speedup" in proc.stdout or "x vs dense-mask" in proc.stdout
+
+
+def test_min_seconds_adds_runs_until_the_runs_add_up_to_it(shared_data):
+    """A fast method runs until its timed runs add up to ``min_seconds`` (the sink samples the machine as long as
+    causal SDPA does); with 0, exactly ``repeats`` runs; the minimum is over all of them."""
+    from pipeline.bench.attention import measure, msc_episode_lengths
+
+    episodes = msc_episode_lengths(str(shared_data), limit=200)
+    for method in ("sink", "causal"):
+        exact = measure(method, 256, 2, 8, episodes, repeats=2, min_seconds=0.0)
+        assert len(exact["all_seconds"]) == 2
+        more = measure(method, 256, 2, 8, episodes, repeats=2, min_seconds=0.5)
+        assert len(more["all_seconds"]) > 2 and sum(more["all_seconds"]) >= 0.5
+        assert sum(more["all_seconds"][:-1]) < 0.5  # it stops at the first run that reaches it
+        assert more["seconds"] == min(more["all_seconds"])
 
 
 def test_packed_layout_keeps_episodes_apart_and_bounds_the_work(shared_data):
