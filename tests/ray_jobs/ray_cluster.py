@@ -28,6 +28,7 @@ def free_port(low: int = 20000) -> int:
 
 class LocalRayCluster:
     def __init__(self, num_cpus: int = 4):
+        self.cpus = num_cpus  # the whole cluster's CPUs, the head's and those of the nodes added
         self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
         self.port, self.dashboard_port, self.client_port = free_port(), free_port(), free_port()
         self.env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
@@ -49,7 +50,8 @@ class LocalRayCluster:
 
     def add_node(self, num_cpus: int = 1, timeout: float = 120) -> None:
         """Join one more node to this cluster (`ray start --address HEAD --block`, loopback, its own free ports),
-        and wait until the head counts it alive."""
+        wait until the head counts it alive, then until its CPUs are in the cluster's resource view (a raylet is
+        alive before the schedulers learn its resources: tasks scheduled in between see one node fewer)."""
         ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
         ports = {flag: str(free_port()) for flag in ("--node-manager-port", "--object-manager-port",
                                                     "--metrics-export-port", "--dashboard-agent-listen-port",
@@ -65,6 +67,23 @@ class LocalRayCluster:
             if time.time() > deadline:
                 raise TimeoutError("the added Ray node did not join")
             time.sleep(1)
+        self.cpus += num_cpus
+        self._wait_cpus(self.cpus, max(1.0, deadline - time.time()))
+
+    def _wait_cpus(self, cpus: int, timeout: float) -> None:
+        """Until a driver connected to the head sees ``cpus`` CPUs in the cluster (``ray.cluster_resources()``),
+        asked from a child process so that this process never holds a Ray connection."""
+        code = ("import sys, time, ray\n"
+                "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
+                "deadline = time.time() + float(sys.argv[3])\n"
+                "while ray.cluster_resources().get('CPU', 0) < float(sys.argv[2]):\n"
+                "    if time.time() > deadline:\n"
+                "        sys.exit(f\"the cluster's resource view shows {ray.cluster_resources().get('CPU', 0)} CPUs\")\n"
+                "    time.sleep(0.5)\n")
+        proc = subprocess.run([sys.executable, "-c", code, self.gcs_address, str(cpus), str(timeout)], env=self.env,
+                              capture_output=True, text=True, timeout=timeout + 60)
+        if proc.returncode != 0:
+            raise TimeoutError(f"the added Ray node's CPUs did not reach the resource view: {proc.stderr.strip()[-500:]}")
 
     def _alive_or_zero(self) -> int:
         try:

@@ -36,13 +36,15 @@ def _folder_bytes(root) -> dict:
 
 
 def _chunk_task_nodes(address: str, timeout: float = 90) -> set:
-    """The node ids that ran prep's chunk tasks (Ray's state API; task events arrive within seconds)."""
+    """The node ids that ran prep's chunk tasks (Ray's state API; task events arrive within seconds). A task whose
+    worker reported it running on a node but whose last event was lost (a worker stopped before its event buffer
+    was flushed) still counts for that node: its latest state is then RUNNING, not FINISHED."""
     from ray.util.state import list_tasks
 
     deadline, nodes = time.time() + timeout, set()
     while time.time() < deadline:
-        tasks = list_tasks(address=address, filters=[("state", "=", "FINISHED")], limit=10000, raise_on_missing_output=False)
-        nodes = {t.node_id for t in tasks if t.name.endswith("_chunk_pieces")}
+        tasks = list_tasks(address=address, limit=10000, raise_on_missing_output=False)
+        nodes = {t.node_id for t in tasks if t.name.endswith("_chunk_pieces") and t.state in ("RUNNING", "FINISHED") and t.node_id}
         if len(nodes) >= 2:
             break
         time.sleep(1)
