@@ -182,7 +182,8 @@ def measure(method: str, T: int, heads: int, head_dim: int, episodes: list[list[
             raise ValueError(f"unknown method {method!r}")
         out.backward(grad)
         times.append(time.perf_counter() - t0)
-        if method == "sink":  # bench bookkeeping (sums every bucket's mask), outside the timing
+        if method == "sink" and not extra:  # bench bookkeeping (sums every bucket's mask), outside the timing: the same
+            # plan every run, so once (with --min-seconds the sink runs ~80 times)
             extra["key_fraction_computed"] = attn.keys_computed / attn.keys_dense
             extra["mask_fraction"] = attn.pairs_allowed / (T * T)  # allowed pairs
         q.grad = k.grad = v.grad = None
